@@ -1,0 +1,44 @@
+"""wings_jax: a JAX/Flax implementation of Wings (multimodal LLM without text-only forgetting)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="wings_jax",
+    version="0.1.0",
+    description="Wings multimodal LLM (Qwen2 + SigLIP + LoRRA learners) in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["wings_jax", "wings_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array_record>=0.7",
+        "tensorflow-datasets>=4.9.8",
+        "etils[epath]",
+        "einops>=0.8",
+        "ml_collections>=1.0",
+        "absl-py",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pillow>=10",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "tqdm",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45"],
+    },
+    entry_points={
+        "console_scripts": [
+            "wings-train=wings_jax.train:main",
+            "wings-convert=wings_jax.convert.__main__:main",
+            "wings-generate=wings_jax.generate:main",
+            "wings-evaluate=wings_jax.evaluate:main",
+        ]
+    },
+)

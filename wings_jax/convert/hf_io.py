@@ -1,0 +1,151 @@
+"""Reading and writing Hugging Face style model directories (config.json + safetensors), without torch."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or tensors at fault."""
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{directory}: no config.json; expected a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def rope_theta_of(config: Mapping, default: float = 10000.0) -> float:
+    """``rope_theta`` from a transformers-4 (top level) or transformers-5 (``rope_parameters``) config."""
+    params = config.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(config.get("rope_theta", default))
+
+
+def rope_type_of(config: Mapping) -> str:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of a directory holding one or several safetensors files."""
+
+    def __init__(self, directory: str):
+        if not os.path.isdir(directory):
+            raise ConversionError(f"{directory}: not a directory")
+        self.directory = directory
+        names = os.listdir(directory)
+        index_path = os.path.join(directory, INDEX_FILE)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index_path}: has no 'weight_map' object")
+            missing = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(directory, v))})
+            if missing:
+                raise ConversionError(f"{index_path}: lists shard files that are absent: {', '.join(missing)}")
+            self.location = dict(weight_map)
+        else:
+            files = sorted(n for n in names if n.endswith(".safetensors"))
+            if not files:
+                pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+                if pickled:
+                    raise ConversionError(
+                        f"{directory}: holds only pickled weights ({', '.join(pickled)}). Pickle files can execute "
+                        "arbitrary code when loaded, so they are refused. Convert them to safetensors on a machine "
+                        "you trust (transformers: model.save_pretrained(dir, safe_serialization=True)) and retry."
+                    )
+                raise ConversionError(f"{directory}: no *.safetensors weights found")
+            self.location = {}
+            for name in files:
+                with safe_open(os.path.join(directory, name), framework="numpy") as f:
+                    for key in f.keys():
+                        self.location[key] = name
+        self._handles: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handle(key).get_slice(key).get_dtype()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._handle(key).get_tensor(key)
+
+    def _handle(self, key: str):
+        if key not in self.location:
+            raise KeyError(key)
+        name = self.location[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(os.path.join(self.directory, name), framework="numpy")
+        return self._handles[name]
+
+
+def write_safetensors(
+    directory: str, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes tensors as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``."""
+    os.makedirs(directory, exist_ok=True)
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in items:
+        value = np.ascontiguousarray(value)
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    meta = {"format": "pt"}  # transformers expects this tag
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(directory, name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.nbytes for s in shards for v in s.values())
+    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer files present in ``src`` to ``dst``; returns their names."""
+    import shutil
+
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied

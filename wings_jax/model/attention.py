@@ -1,0 +1,131 @@
+"""Masked multi-head attention over compact mask descriptors, with optional shared "extra value" channels.
+
+The mask is never passed as an (L, L) array. Each query and key carries a segment id (0 = padding
+or no key) and a position; query i sees key j iff ``q_seg[i] == k_seg[j] != 0`` and, when causal,
+``k_pos[j] <= q_pos[i]``. A query that sees no key gets an output of exactly 0 (never NaN).
+
+``extra_values`` (batch, keys, C) are value channels shared by every head; the function returns
+their attention-weighted sum *summed over heads* as a second output. The Wings router is exactly
+that: ``sum_heads(P) @ W_r`` with ``W_r`` rows as the extra values, so the (batch, heads, L, L)
+probability tensor never exists outside one query chunk.
+
+Two implementations:
+- ``"xla"``: plain JAX, queries processed in chunks (``q_chunk``) under ``jax.checkpoint`` so
+  memory grows linearly with length, forward and backward. Works on every backend.
+- ``"cudnn"`` / ``"dot_product"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
+  for ``"cudnn"``, XLA's choice for ``"dot_product"``). Extra channels ride along as additional
+  value channels (query/key zero-padded to the same head size, the scale fixed explicitly).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["xla", "cudnn", "dot_product"]
+IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array,
+    k_seg: jax.Array,
+    causal: bool,
+    scale: float | None = None,
+    extra_values: jax.Array | None = None,
+    implementation: Implementation = "xla",
+    q_chunk: int = 512,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K.
+
+    Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "xla":
+        out, extra = _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
+    else:
+        out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
+                                  "cudnn" if implementation == "cudnn" else None)
+    return out, extra
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, causal):
+    """(B, Tq, Tk) boolean mask from the compact descriptors."""
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    if causal:
+        mask &= k_pos[:, None, :] <= q_pos[:, :, None]
+    return mask
+
+
+def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values):
+    b, tq, n, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, tq, kv, n // kv, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)  # (B, Tq, Tk)
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    seen = jnp.any(mask, axis=-1)  # (B, Tq): False where the query sees no key at all
+    probs = jnp.where(seen[:, None, None, :, None], probs, 0.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, tq, n, d)
+    extra = None
+    if extra_values is not None:
+        head_sum = jnp.sum(probs, axis=(1, 2))  # (B, Tq, Tk), one chunk of queries at a time
+        extra = jnp.einsum("bqs,bsc->bqc", head_sum, extra_values.astype(jnp.float32))
+    return out, extra
+
+
+def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
+    tq = q.shape[1]
+    if tq <= q_chunk or tq % q_chunk:
+        return _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
+    num = tq // q_chunk
+
+    def chunks(a):  # (B, Tq, ...) -> (num, B, q_chunk, ...)
+        return jnp.moveaxis(a.reshape(a.shape[0], num, q_chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        qc, pc, sc = args
+        return _xla_block(qc, k, v, pc, k_pos, sc, k_seg, causal, scale, extra_values)
+
+    out, extra = jax.lax.map(one, (chunks(q), chunks(q_pos), chunks(q_seg)))
+
+    def unchunk(a):
+        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], tq, *a.shape[3:])
+
+    return unchunk(out), (None if extra is None else unchunk(extra))
+
+
+def _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation):
+    d = q.shape[-1]
+    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)
+    seen = jnp.any(mask, axis=-1)
+    channels = 0 if extra_values is None else extra_values.shape[-1]
+    if channels:
+        # One extra group of value channels carries the router rows; queries and keys are padded with
+        # zeros to the same head size (a multiple of 8 for cuDNN), which leaves q.k unchanged.
+        width = -(-(d + channels) // 8) * 8
+        pad = width - d
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        shared = jnp.broadcast_to(extra_values.astype(v.dtype)[:, :, None, :], (*v.shape[:3], channels))
+        v = jnp.concatenate([v, shared, jnp.zeros((*v.shape[:3], pad - channels), v.dtype)], axis=-1)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
+    out = jnp.where(seen[:, :, None, None], out, 0.0)
+    extra = None
+    if channels:
+        extra = jnp.sum(out[..., d:d + channels].astype(jnp.float32), axis=2)
+        out = out[..., :d]
+    return out, extra

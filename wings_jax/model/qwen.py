@@ -1,0 +1,254 @@
+"""The Qwen2 decoder (Qwen1.5 / Qwen2 / Qwen2.5 shapes) in Flax NNX.
+
+Layers are stacked on a leading 'layers' axis and run with ``lax.scan``. A layer may carry a
+*side branch* (the Wings learners and router, ``wings_jax.model.learners``): this module only
+knows that the branch adds router value channels to the main attention and a residual update
+after it, so the plain language model and the Wings model share every line here.
+
+Entry points: ``embed_tokens``, ``decode`` (hidden states, optionally reading and writing a
+:class:`DecodeCache`), ``logits`` and ``__call__`` (text-only forward).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from wings_jax.model import attention as attention_lib
+from wings_jax.model.layers import Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    """Architecture of a Qwen2-family decoder (the fields of a transformers ``Qwen2Config``)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model computes, independent of its weights."""
+
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+    attention: str = "xla"  # "xla" (chunked, linear memory), "cudnn" or "dot_product" (jax.nn.dot_product_attention)
+    remat: str = "none"  # per-layer policy, see layers.REMAT_POLICIES
+    scan_layers: bool = True
+    q_chunk: int = 512  # query chunk of the "xla" attention
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"runtime.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"runtime.attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self):
+        return DTYPES[self.param_dtype]
+
+
+@struct.dataclass
+class DecodeCache:
+    """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
+
+    ``layers`` maps names ('k', 'v', and the side branch's own) to arrays with a leading layers axis.
+    ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the side branch.
+    """
+
+    layers: dict[str, jax.Array]
+    positions: jax.Array  # (B, S)
+    segments: jax.Array  # (B, S)
+    side: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return self.positions.shape[1]
+
+
+def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
+    """buffer (B, S, ...)[b, slots[b, t]] = values (B, T, ...); slots past the end are dropped."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        self.cfg, self.rt = cfg, rt
+        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = Linear(h, (n, d), ("embed", "heads", "head_dim"), use_bias=True, **kw)
+        self.k = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.v = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+        self.o = Linear((n, d), h, ("heads", "head_dim", "embed"), **kw)
+
+    def __call__(self, x, positions, segments, cache, key_positions, key_segments, extra_values):
+        q = rotary_embedding(self.q(x), positions, self.cfg.rope_theta)
+        k = rotary_embedding(self.k(x), positions, self.cfg.rope_theta)
+        v = self.v(x)
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        new_cache = None
+        if cache is not None:
+            k = write_slots(cache["k"], k, positions)
+            v = write_slots(cache["v"], v, positions)
+            new_cache = {"k": k, "v": v}
+        out, extra = attention_lib.attend(
+            q, k, v, q_pos=positions, k_pos=key_positions, q_seg=segments, k_seg=key_segments, causal=True,
+            extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+        )
+        return self.o(out), extra, new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        return self.down(constrain(hidden, ("act_batch", "act_length", "act_mlp")))
+
+
+SideFactory = Callable[[nnx.Rngs], nnx.Module]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and SwiGLU MLP; an optional side branch acts between the two residuals.
+
+    The side branch implements ``router_values(key_positions) -> (B, Tk, C) | None`` (extra value
+    channels of the main attention) and ``__call__(h, router_in, inputs, cache, per_layer)
+    -> (h, cache_updates)``.
+    """
+
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
+        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, rt, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, rt, rngs=rngs)
+        self.side = side_factory(rngs) if side_factory is not None else None
+
+    def __call__(self, x, positions, segments, cache, key_positions, key_segments, side_inputs, per_layer):
+        extra_values = self.side.router_values(key_positions) if self.side is not None else None
+        attn_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        out, router_in, new_cache = self.attn(
+            self.input_norm(x), positions, segments, attn_cache, key_positions, key_segments, extra_values
+        )
+        h = x + out
+        if self.side is not None:
+            h, side_cache = self.side(h, router_in, side_inputs, cache, per_layer)
+            if new_cache is not None:
+                new_cache.update(side_cache)
+        y = h + self.mlp(self.post_norm(h))
+        return constrain(y, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+class Qwen2(nnx.Module):
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
+        self.cfg, self.rt = cfg, rt
+        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = stacked(
+            lambda r: DecoderLayer(cfg, rt, rngs=r, side_factory=side_factory), cfg.num_layers, rngs
+        )
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, **kw
+        )
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        return constrain(self.embed(ids), ("act_batch", "act_length", "act_embed"))
+
+    def decode(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segments: jax.Array,
+        *,
+        cache: DecodeCache | None = None,
+        side_inputs: Any = None,
+        per_layer: Any = None,
+    ) -> tuple[jax.Array, DecodeCache | None]:
+        """Runs all layers on embeddings ``x`` (B, T, H) at ``positions``/``segments`` (B, T).
+
+        Without a cache the tokens attend to each other; with one, their keys are written at slot
+        = position and they attend to everything the cache holds.
+        """
+        if cache is None:
+            key_positions, key_segments, layer_caches = positions, segments, None
+        else:
+            key_positions = write_slots(cache.positions, positions, positions)
+            key_segments = write_slots(cache.segments, segments, positions)
+            layer_caches = cache.layers
+
+        def body(layer, h, xs):
+            layer_cache, flags = xs
+            return layer(h, positions, segments, layer_cache, key_positions, key_segments, side_inputs, flags)
+
+        h, new_layer_caches = run_stacked(
+            self.layers, body, x, (layer_caches, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers
+        )
+        new_cache = None
+        if cache is not None:
+            new_cache = cache.replace(layers=new_layer_caches, positions=key_positions, segments=key_segments)
+        return self.final_norm(h), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return constrain(out, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, ids: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
+        """Text-only logits (B, T, vocab); ``segments`` 0 marks padding (defaults: all tokens valid)."""
+        if segments is None:
+            segments = jnp.ones(ids.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segments)
+        hidden, _ = self.decode(self.embed_tokens(ids), positions, segments)
+        return self.logits(hidden)
+
+    def init_cache(self, batch: int, max_length: int, side_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None) -> DecodeCache:
+        """An empty cache; ``side_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
+        cfg = self.cfg
+        kv_shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+        layers = {"k": jnp.zeros(kv_shape, self.rt.compute_dtype), "v": jnp.zeros(kv_shape, self.rt.compute_dtype)}
+        for name, (shape, dtype) in (side_layers or {}).items():
+            layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)
+        zeros = jnp.zeros((batch, max_length), jnp.int32)
+        return DecodeCache(layers=layers, positions=zeros, segments=zeros)
+
+
+def positions_from_segments(segments: jax.Array) -> jax.Array:
+    """0, 1, 2, ... within each run of equal non-zero segment ids; 0 on padding."""
+    idx = jnp.arange(segments.shape[1])[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segments != 0, idx - start_idx, 0).astype(jnp.int32)

@@ -1,0 +1,66 @@
+"""Parameter trees by path: flat views of ``nnx`` state and building a module from given values.
+
+A path is the '/'-joined attribute path of a parameter, e.g. ``llm/layers/attn/q/kernel``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
+    """'a/b/c' -> Variable for every variable of ``state``."""
+    return {path_str(path): var for path, var in nnx.to_flat_state(state)}
+
+
+def flat_values(state: nnx.State) -> dict[str, Any]:
+    return {p: v.get_value() for p, v in flat_variables(state).items()}
+
+
+def abstract_model(make_model: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+    """``make_model`` with shape-only parameters (no memory, no compute)."""
+    return nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+
+
+def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of every Param of ``module`` (abstract modules work too)."""
+    return {p: tuple(v.get_value().shape) for p, v in flat_variables(nnx.state(module, nnx.Param)).items()}
+
+
+def materialize(make_model: Callable[[nnx.Rngs], nnx.Module], values: Mapping[str, Any], seed: int = 0) -> nnx.Module:
+    """Builds ``make_model`` with ``values`` (path -> array) and fresh initial values elsewhere.
+
+    Only the parameters absent from ``values`` are initialised: the init runs under ``jit`` and
+    returns just those, so XLA drops the work (and memory) of the others.
+    """
+    graphdef, state = nnx.split(abstract_model(make_model))
+    variables = flat_variables(state)
+    unknown = sorted(set(values) - set(variables))
+    if unknown:
+        raise KeyError(f"values for parameters the model does not have: {', '.join(unknown)}")
+    fresh_paths = sorted(set(variables) - set(values))
+    fresh = {}
+    if fresh_paths:
+        wanted = set(fresh_paths)
+
+        @jax.jit
+        def init_subset():
+            full = flat_variables(nnx.state(make_model(nnx.Rngs(seed))))
+            return {p: v.get_value() for p, v in full.items() if p in wanted}
+
+        fresh = init_subset()
+    for path, var in variables.items():
+        target = var.get_value()
+        value = values[path] if path in values else fresh[path]
+        if tuple(np.shape(value)) != tuple(target.shape):
+            raise ValueError(f"parameter {path}: got shape {tuple(np.shape(value))}, the model needs {tuple(target.shape)}")
+        var.set_value(jnp.asarray(value, dtype=target.dtype))
+    return nnx.merge(graphdef, state)
