@@ -42,8 +42,13 @@ def rope_theta_of(config: Mapping, default: float = 10000.0) -> float:
 
 
 def rope_type_of(config: Mapping) -> str:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return params.get("rope_type", params.get("type", "default")) or "default"
+    """The RoPE variant; a non-default type in either the v5 or the v4 field wins."""
+    for field in ("rope_parameters", "rope_scaling"):
+        params = config.get(field) or {}
+        kind = params.get("rope_type", params.get("type")) or "default"
+        if kind != "default":
+            return kind
+    return "default"
 
 
 class SafetensorsReader:

@@ -20,6 +20,9 @@ def qwen_config_from_hf(hf: Mapping[str, Any], source: str = "config.json", mode
         )
     if hf.get("use_sliding_window"):
         raise ConversionError(f"{source}: use_sliding_window=true is not implemented; only full attention is supported")
+    other_layers = sorted(set(hf.get("layer_types") or ["full_attention"]) - {"full_attention"})
+    if other_layers:
+        raise ConversionError(f"{source}: layer_types {other_layers} are not implemented; only full attention is supported")
     if rope_type_of(hf) != "default":
         raise ConversionError(f"{source}: rope type {rope_type_of(hf)!r} is not implemented; only default RoPE is supported")
     if hf.get("hidden_act", "silu") != "silu":
