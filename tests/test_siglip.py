@@ -35,10 +35,12 @@ from wings_jax.sharding import DEFAULT_RULES
 
 transformers = pytest.importorskip("transformers")
 
-# Two shapes: (a) image 28 / patch 14 = 2x2 tokens, 4 heads; (b) image 32 / patch 8 = 4x4 tokens, 3 heads, other MLP.
+# (a) image 28 / patch 14 = 2x2 tokens, 4 heads; (b) image 32 / patch 8 = 4x4 tokens, 3 heads, other MLP;
+# (c) image 30 / patch 8: not a multiple, like so400m's 384 / 14; the last 6 pixel rows and columns are unused.
 SHAPES = {
     "a": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14),
     "b": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=3, image_size=32, patch_size=8),
+    "c": dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=30, patch_size=8),
 }
 TOL = 1e-4
 
@@ -144,10 +146,12 @@ def test_scan_and_unrolled_and_remat_agree(vision_dirs):
     pixels = _nhwc(_pixels(32, seed=4))
     scanned = np.asarray(load_siglip(directory)(pixels))
     unrolled = np.asarray(load_siglip(directory, Runtime(scan_layers=False, remat="full"))(pixels))
-    np.testing.assert_allclose(unrolled, scanned, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)  # same math, different fusion
 
 
-BF16_TOL = 0.05  # bfloat16 keeps 8 mantissa bits; features here are O(1), 3 layers deep
+# bfloat16 has an 8-bit mantissa: one ulp at the largest features (~10) is 0.06. Measured max error ~0.11
+# (about 1% of max |ref|) for shapes a and b; the bound is 2% of max |ref|.
+BF16_TOL = 0.02
 
 
 def test_bfloat16_compute_within_tolerance(vision_dirs):
@@ -158,7 +162,7 @@ def test_bfloat16_compute_within_tolerance(vision_dirs):
     assert ours.dtype == jnp.bfloat16
     ref = _torch_out(model, pixels).hidden_states[-2].numpy()
     err = np.abs(np.asarray(ours, np.float32) - ref).max()
-    assert err < BF16_TOL * max(1.0, np.abs(ref).max()), err
+    assert err < BF16_TOL * np.abs(ref).max(), (err, np.abs(ref).max())
 
 
 def test_frozen_features_pass_no_gradient(vision_dirs):
@@ -170,27 +174,29 @@ def test_frozen_features_pass_no_gradient(vision_dirs):
         t = nnx.merge(graphdef, p)
         return jnp.sum((t.frozen_features(pixels) if frozen else t(pixels)) ** 2)
 
-    frozen_grads = jax.tree.leaves(jax.grad(loss)(params, True))
-    live_grads = jax.tree.leaves(jax.grad(loss)(params, False))
-    assert all(not np.any(np.asarray(g)) for g in frozen_grads)
-    assert any(np.any(np.asarray(g)) for g in live_grads)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad(params, True)))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grad(params, False)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
 
-def test_image_size_not_multiple_of_patch_refused():
-    with pytest.raises(ValueError, match=r"image_size=30 is not a multiple of patch_size=14"):
-        SiglipConfig(image_size=30, patch_size=14, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4)
-    hf = dict(model_type="siglip_vision_model", **{**SHAPES["a"], "image_size": 30})
-    with pytest.raises(ValueError, match=r"my/config.json: image_size=30 is not a multiple of patch_size=14"):
+def test_image_size_smaller_than_patch_refused():
+    with pytest.raises(ValueError, match=r"image_size=10 is smaller than patch_size=14"):
+        SiglipConfig(image_size=10, patch_size=14, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4)
+    hf = dict(model_type="siglip_vision_model", **{**SHAPES["a"], "image_size": 10})
+    with pytest.raises(ValueError, match=r"my/config.json: image_size=10 is smaller than patch_size=14"):
         siglip_config_from_hf(hf, source="my/config.json")
+    # Not a multiple is fine (HF semantics): so400m's 384 / 14 gives a 27 x 27 grid.
+    cfg = SiglipConfig(image_size=384, patch_size=14, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4)
+    assert (cfg.grid, cfg.num_positions) == (27, 729)
 
 
 def test_wrong_pixel_shape_refused():
     cfg = SiglipConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4)
-    tower = SiglipVisionTower(cfg, Runtime(), rngs=nnx.Rngs(0))
+    tower = abstract_model(lambda r: SiglipVisionTower(cfg, Runtime(), rngs=r))  # refused before any weight is used
     with pytest.raises(ValueError, match=r"expects pixels of shape \(\.\.\., 28, 28, 3\).*got \(1, 3, 28, 28\)"):
         tower(jnp.zeros((1, 3, 28, 28)))
 
@@ -306,8 +312,11 @@ def test_config_from_weights(vision_dirs):
                     if not k.startswith("encoder.layers.3.")}
     cfg = siglip_config_from_weights(shapes_wings, "model.vision_tower.vision_tower.vision_model.", known)
     assert cfg.num_layers == 3
-    with pytest.raises(ConversionError, match=r"imply image_size 32 .* known configuration says 384"):
+    with pytest.raises(ConversionError, match=r"imply a 4 x 4 patch grid .* image_size 384 gives 48 patches per side"):
         siglip_config_from_weights(shapes, "", {**known, "image_size": 384})
+    # The positions fix only image_size // patch; a known size with the same grid wins.
+    assert siglip_config_from_weights(shapes, "", {**known, "image_size": 35}).image_size == 35
+    assert siglip_config_from_weights(shapes, "", {"num_heads": 3, "layer_norm_eps": 1e-6}).image_size == 32
     with pytest.raises(ConversionError, match=r"do not reveal num_heads"):
         siglip_config_from_weights(shapes, "", {"layer_norm_eps": 1e-6})
     with pytest.raises(ConversionError, match=r"no SigLIP vision tower under prefix 'vision_model\.'"):

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Iterator, Mapping
 
+import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, so bf16 safetensors read as numpy arrays)
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file

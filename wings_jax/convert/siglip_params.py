@@ -102,8 +102,8 @@ def siglip_config_from_hf(
     v = _vision_dict(hf_config, source)
     total = int(v["num_hidden_layers"])
     image, patch = int(v["image_size"]), int(v["patch_size"])
-    if image % patch:
-        raise ConversionError(f"{source}: image_size={image} is not a multiple of patch_size={patch}")
+    if image < patch:
+        raise ConversionError(f"{source}: image_size={image} is smaller than patch_size={patch}")
     return SiglipConfig(
         image_size=image,
         patch_size=patch,
@@ -207,10 +207,10 @@ def siglip_config_from_weights(
     source: str = "weights",
 ) -> SiglipConfig:
     """The tower's config from tensor shapes (name -> shape) for checkpoints whose config.json does not
-    describe it. Layers, hidden and MLP sizes, channels, patch size and image size (from the number of
-    positions) come from the weights; ``known`` supplies ``num_heads`` and ``layer_norm_eps`` (e.g.
-    :data:`SO400M_KNOWN`), and an ``image_size`` there is checked against the weights. Every layer present
-    is run."""
+    describe it. Layers, hidden and MLP sizes, channels and patch size come from the weights; ``known``
+    supplies ``num_heads`` and ``layer_norm_eps`` (e.g. :data:`SO400M_KNOWN`). The number of positions
+    gives the patch grid g; the image size is ``known['image_size']`` if given (checked: its // patch must
+    be g), else g * patch. Every layer present is run."""
     h = hf_prefix
     wanted = (h + _PATCH, h + _POSITIONS, h + "encoder.layers.0.mlp.fc1.weight")
     absent = [n for n in wanted if n not in shapes]
@@ -230,12 +230,17 @@ def siglip_config_from_weights(
             f"{source}: {h + _POSITIONS} has shape {(num_positions, pos_width)}; expected (g*g, {hidden}) for a g x g "
             "patch grid"
         )
+    # The positions fix only image_size // p (a "valid" convolution drops the remainder: so400m is
+    # 384 = 27 * 14 + 6), so a known image_size wins when it agrees with the grid.
     image_size = grid * p
-    if "image_size" in known and int(known["image_size"]) != image_size:
-        raise ConversionError(
-            f"{source}: the weights imply image_size {image_size} ({num_positions} positions, patch {p}), "
-            f"but the known configuration says {known['image_size']}"
-        )
+    if "image_size" in known:
+        if int(known["image_size"]) // p != grid:
+            raise ConversionError(
+                f"{source}: the weights imply a {grid} x {grid} patch grid ({num_positions} positions, patch {p}), "
+                f"but the known configuration's image_size {known['image_size']} gives "
+                f"{int(known['image_size']) // p} patches per side"
+            )
+        image_size = int(known["image_size"])
     pattern = re.compile(re.escape(h) + r"encoder\.layers\.(\d+)\.")
     indices = sorted({int(m.group(1)) for name in shapes if (m := pattern.match(name))})
     if indices != list(range(len(indices))):

@@ -43,13 +43,15 @@ class SiglipConfig:
     use_post_layernorm: bool = False
 
     def __post_init__(self):
+        # image_size need not be a multiple of patch_size: like the stride-p "valid" convolution of HF,
+        # the grid is image_size // patch_size and the last image_size % patch_size rows and columns
+        # are unused. so400m needs this: 384 = 27 * 14 + 6 gives 27 x 27 = 729 patches.
         if self.patch_size <= 0 or self.image_size <= 0:
             raise ValueError(f"SigLIP image_size={self.image_size} and patch_size={self.patch_size} must be positive")
-        if self.image_size % self.patch_size:
+        if self.image_size < self.patch_size:
             raise ValueError(
-                f"SigLIP image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
-                f"the patch grid would not cover the image (use e.g. image_size="
-                f"{self.image_size // self.patch_size * self.patch_size})"
+                f"SigLIP image_size={self.image_size} is smaller than patch_size={self.patch_size}; "
+                "the image would hold no patch"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"SigLIP hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
@@ -124,6 +126,9 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipVisionTower(nnx.Module):
     """SigLIP vision encoder: pixels (..., S, S, C) -> features (..., T, hidden), T = (S // patch) ** 2.
 
+    S must equal ``cfg.image_size``; when S is not a multiple of the patch size the trailing S % patch
+    rows and columns do not contribute, exactly as in Hugging Face.
+
     Tokens are in row-major patch order (row 0 left to right, then row 1, ...), as in Hugging Face.
     """
 
@@ -147,7 +152,8 @@ class SiglipVisionTower(nnx.Module):
         """(B, S, S, C) -> (B, T, p, p, C), patches in row-major order."""
         cfg = self.cfg
         b, g, p, c = pixels.shape[0], cfg.grid, cfg.patch_size, cfg.num_channels
-        x = pixels.reshape(b, g, p, g, p, c)
+        # Pixels past the last whole patch are dropped, as HF's "valid" convolution does (384 -> 378 for so400m).
+        x = pixels[:, : g * p, : g * p].reshape(b, g, p, g, p, c)
         return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, g * g, p, p, c)
 
     def embed(self, pixels: jax.Array) -> jax.Array:
