@@ -125,6 +125,7 @@ CMD=$1
 shift
 case $CMD in
   create | setup | sync | train | logs | status | stop | delete | all) ;;
+  -*) die "missing COMMAND: the first argument must be one of create setup sync train logs status stop delete all (got option '$CMD')" ;;
   *) die "unknown command '$CMD' (expected one of: create setup sync train logs status stop delete all)" ;;
 esac
 
@@ -147,7 +148,10 @@ while (($#)); do
     --project | --zone | --name | --accelerator | --version | --config | --workdir | --worker | \
       --lines | --stop-timeout | --python | --jax-spec | --remote-dir | --env | --create-arg | --ssh-arg)
       if ((!has_val)); then
-        (($#)) || die "option $opt needs a value"
+        # A following option is not taken as the value (except for the pass-through options).
+        if (($# == 0)) || [[ $1 == --* && $opt != --create-arg && $opt != --ssh-arg ]]; then
+          die "option $opt needs a value"
+        fi
         val=$1
         shift
       fi
@@ -220,9 +224,10 @@ esac
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be a worker index or 'all' (got '$WORKER')"
 [[ $LINES =~ ^[0-9]+$ ]] || die "--lines must be a number (got '$LINES')"
 [[ $STOP_TIMEOUT =~ ^[0-9]+$ ]] || die "--stop-timeout must be a number of seconds (got '$STOP_TIMEOUT')"
-[[ $REMOTE_DIR =~ ^[A-Za-z0-9_.][A-Za-z0-9_./-]*$ && $REMOTE_DIR != *..* ]] ||
-  die "--remote-dir must be a plain path relative to \$HOME (got '$REMOTE_DIR')"
+# (setup replaces this directory: no '.', '..' or hidden components, nothing outside $HOME)
 REMOTE_DIR=${REMOTE_DIR%/}
+[[ $REMOTE_DIR =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$ ]] ||
+  die "--remote-dir must be a plain path relative to \$HOME, without hidden components (got '$REMOTE_DIR')"
 
 # Runtime version and worker count from the accelerator type.
 #   vN-<cores> (v2, v3, v4, v5p): the number counts TensorCores, 2 per chip, 4 chips per TPU VM,
