@@ -267,9 +267,11 @@ def _find_hf_prefix(reader: SafetensorsReader, model_type: str, directory: str) 
     raise ConversionError(f"{directory}: no SigLIP vision tensors found (looked for {looked})")
 
 
-def load_siglip(directory: str, runtime: Runtime = Runtime(), select_layer: int = -2) -> SiglipVisionTower:
-    """Builds a :class:`SiglipVisionTower` from a Hugging Face SiglipVisionModel or SiglipModel directory
-    (safetensors only). ``select_layer`` as in the module doc; -2 gives the Wings features."""
+def load_siglip_values(
+    directory: str, select_layer: int = -2, prefix: str = "", runtime: Runtime = Runtime()
+) -> tuple[SiglipConfig, dict[str, Any]]:
+    """Reads a Hugging Face SiglipVisionModel or SiglipModel directory (safetensors only) into our
+    parameter layout: the tower's config and ``{prefix + path: array}``."""
     hf = read_config(directory)
     source = f"{directory}/config.json"
     cfg = siglip_config_from_hf(hf, select_layer=select_layer, source=source)
@@ -279,13 +281,16 @@ def load_siglip(directory: str, runtime: Runtime = Runtime(), select_layer: int 
     ignored = siglip_ignored(cfg, hf_prefix, total)
     if hf["model_type"] == "siglip":
         ignored += SIGLIP_TEXT_IGNORED
-
-    def make(rngs):
-        return SiglipVisionTower(cfg, runtime, rngs=rngs)
-
-    shapes = param_shapes(abstract_model(make))
+    shapes = param_shapes(abstract_model(lambda rngs: SiglipVisionTower(cfg, runtime, rngs=rngs)))
     values = import_tensors(
-        reader, siglip_rules(cfg, hf_prefix=hf_prefix), shapes, num_layers=lambda _: cfg.num_layers,
-        ignore=ignored, desc="siglip",
+        reader, siglip_rules(cfg, prefix=prefix, hf_prefix=hf_prefix), {prefix + k: v for k, v in shapes.items()},
+        num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="siglip",
     )
-    return materialize(make, values)
+    return cfg, values
+
+
+def load_siglip(directory: str, runtime: Runtime = Runtime(), select_layer: int = -2) -> SiglipVisionTower:
+    """Builds a :class:`SiglipVisionTower` from a Hugging Face SiglipVisionModel or SiglipModel directory
+    (safetensors only). ``select_layer`` as in the module doc; -2 gives the Wings features."""
+    cfg, values = load_siglip_values(directory, select_layer=select_layer, runtime=runtime)
+    return materialize(lambda rngs: SiglipVisionTower(cfg, runtime, rngs=rngs), values)

@@ -92,6 +92,11 @@ class DecodeCache:
         return self.positions.shape[1]
 
 
+def cache_slots(positions: jax.Array, segments: jax.Array, max_length: int) -> jax.Array:
+    """Where each token goes in a cache: slot = position; padding tokens go past the end (dropped)."""
+    return jnp.where(segments != 0, positions, max_length)
+
+
 def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
     """buffer (B, S, ...)[b, slots[b, t]] = values (B, T, ...); slots past the end are dropped."""
     rows = jnp.arange(buffer.shape[0])[:, None]
@@ -108,7 +113,7 @@ class Attention(nnx.Module):
         self.v = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
         self.o = Linear((n, d), h, ("heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, positions, segments, cache, key_positions, key_segments, extra_values):
+    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, extra_values):
         q = rotary_embedding(self.q(x), positions, self.cfg.rope_theta)
         k = rotary_embedding(self.k(x), positions, self.cfg.rope_theta)
         v = self.v(x)
@@ -116,8 +121,8 @@ class Attention(nnx.Module):
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         new_cache = None
         if cache is not None:
-            k = write_slots(cache["k"], k, positions)
-            v = write_slots(cache["v"], v, positions)
+            k = write_slots(cache["k"], k, slots)
+            v = write_slots(cache["v"], v, slots)
             new_cache = {"k": k, "v": v}
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=key_positions, q_seg=segments, k_seg=key_segments, causal=True,
@@ -146,7 +151,7 @@ class DecoderLayer(nnx.Module):
 
     The side branch implements ``router_values(key_positions) -> (B, Tk, C) | None`` (extra value
     channels of the main attention) and ``__call__(h, router_in, inputs, cache, per_layer)
-    -> (h, cache_updates)``.
+    -> (h, cache_updates)``; it finds cache slots in its own ``inputs``.
     """
 
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
@@ -157,14 +162,16 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rt, rngs=rngs)
         self.side = side_factory(rngs) if side_factory is not None else None
 
-    def __call__(self, x, positions, segments, cache, key_positions, key_segments, side_inputs, per_layer):
-        extra_values = self.side.router_values(key_positions) if self.side is not None else None
+    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, side_inputs, per_layer):
+        # Without side inputs the layer is the plain Qwen2 layer (the language model alone).
+        use_side = self.side is not None and side_inputs is not None
+        extra_values = self.side.router_values(key_positions) if use_side else None
         attn_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         out, router_in, new_cache = self.attn(
-            self.input_norm(x), positions, segments, attn_cache, key_positions, key_segments, extra_values
+            self.input_norm(x), positions, segments, slots, attn_cache, key_positions, key_segments, extra_values
         )
         h = x + out
-        if self.side is not None:
+        if use_side:
             h, side_cache = self.side(h, router_in, side_inputs, cache, per_layer)
             if new_cache is not None:
                 new_cache.update(side_cache)
@@ -204,15 +211,16 @@ class Qwen2(nnx.Module):
         = position and they attend to everything the cache holds.
         """
         if cache is None:
-            key_positions, key_segments, layer_caches = positions, segments, None
+            slots, key_positions, key_segments, layer_caches = None, positions, segments, None
         else:
-            key_positions = write_slots(cache.positions, positions, positions)
-            key_segments = write_slots(cache.segments, segments, positions)
+            slots = cache_slots(positions, segments, cache.max_length)
+            key_positions = write_slots(cache.positions, positions, slots)
+            key_segments = write_slots(cache.segments, segments, slots)
             layer_caches = cache.layers
 
         def body(layer, h, xs):
             layer_cache, flags = xs
-            return layer(h, positions, segments, layer_cache, key_positions, key_segments, side_inputs, flags)
+            return layer(h, positions, segments, slots, layer_cache, key_positions, key_segments, side_inputs, flags)
 
         h, new_layer_caches = run_stacked(
             self.layers, body, x, (layer_caches, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers

@@ -1,0 +1,200 @@
+"""The Wings side branch of a decoder layer: visual and textual LoRRA learners and the router.
+
+Low-Rank Residual Attention (spec section 3), for queries X and features F::
+
+    Q = X + X A_q B_q    K = F + F A_k B_k    V = F + F A_v B_v    (A ~ truncnormal(0.02), B = 0)
+    out = softmax(RoPE(Q) RoPE(K)^T / sqrt(d) + mask) V A_o B_o
+
+so a fresh learner adds exactly zero. The router (spec section 2) mixes the two learners per token
+from ``sum_heads(P) @ W_r``, which the main attention computes for us as extra value channels
+(:meth:`WingsBlock.router_values`), so the (B, heads, L, L) probabilities are never formed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from wings_jax.model import attention as attention_lib
+from wings_jax.model.layers import make_param, rotary_embedding, zeros_init
+from wings_jax.model.qwen import QwenConfig, Runtime, write_slots
+from wings_jax.sharding import constrain
+
+STAGES = ("pretrain", "finetune")
+MIXINGS = ("corrected", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class WingsConfig:
+    stage: str = "finetune"  # "pretrain": visual learners only, no router; "finetune": both learners + router
+    learner_layers: tuple[int, ...] | None = None  # None: every layer
+    lora_rank: int = 64
+    router_max_len: int = 4096  # rows of W_r; longest sequence the router can weigh
+    mixing: str = "corrected"  # "reference": the released code's behaviour (spec section 5)
+    causal_images: bool = False  # visual learner sees only images that start at or before the query
+    system_prompt_length: int = 14  # reference mode only: text features start here
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"wings.stage={self.stage!r}; choose one of {STAGES}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"wings.mixing={self.mixing!r}; choose one of {MIXINGS}")
+        if self.lora_rank <= 0 or self.router_max_len <= 0:
+            raise ValueError("wings.lora_rank and wings.router_max_len must be positive")
+        if self.learner_layers is not None:
+            object.__setattr__(self, "learner_layers", tuple(int(i) for i in self.learner_layers))
+
+    def layer_flags(self, num_layers: int) -> tuple[bool, ...]:
+        if self.learner_layers is None:
+            return (True,) * num_layers
+        bad = [i for i in self.learner_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"wings.learner_layers {bad} outside the model's {num_layers} layers")
+        return tuple(i in self.learner_layers for i in range(num_layers))
+
+    @property
+    def uses_router(self) -> bool:
+        return self.stage == "finetune"
+
+
+@struct.dataclass
+class SideInputs:
+    """Everything the learners need besides the hidden states, shared by all layers.
+
+    Queries are the current tokens (``positions``/``segments``, B x T). Image keys are the projected
+    image tokens (B x M); ``image_feats`` is None when their keys/values come from a decode cache.
+    Text keys are the current tokens (their embeddings ``text_feats``), or all cache slots when a
+    cache is used (slot = position). A key segment of 0 means "not a key". The ``*_mask_pos``
+    arrays are what causality compares; they differ from RoPE positions only in reference mode.
+    """
+
+    positions: jax.Array  # (B, T) queries' positions (RoPE)
+    segments: jax.Array  # (B, T)
+    image_feats: jax.Array | None  # (B, M, H)
+    image_positions: jax.Array  # (B, M) where each image token sits in the sequence (RoPE)
+    image_mask_pos: jax.Array  # (B, M) start of each token's image (causal_images)
+    image_segments: jax.Array  # (B, M)
+    image_query_segments: jax.Array  # (B, T) what the visual learner compares with image_segments
+    text_feats: jax.Array  # (B, T, H)
+    text_query_mask_pos: jax.Array  # (B, T)
+    text_key_mask_pos: jax.Array  # (B, S)
+    text_key_segments: jax.Array  # (B, S)
+    repeats: jax.Array  # (B, 2) multipliers of the routed (visual, textual) outputs: 1 unless reference mode
+    slots: jax.Array | None = None  # (B, T) cache slots of the current tokens (qwen.cache_slots), with a cache
+
+
+class LoRRALearner(nnx.Module):
+    def __init__(self, hidden: int, num_heads: int, rank: int, rt: Runtime, *, rngs: nnx.Rngs):
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim, self.dtype = num_heads, hidden // num_heads, rt.compute_dtype
+        a_init = jax.nn.initializers.truncated_normal(0.02)
+        for name in "qkvo":
+            setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.storage_dtype))
+            setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.storage_dtype))
+
+    def _low_rank(self, name: str, x: jax.Array) -> jax.Array:
+        a = getattr(self, f"{name}_a")[...].astype(self.dtype)
+        b = getattr(self, f"{name}_b")[...].astype(self.dtype)
+        return (x @ a) @ b
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def queries(self, x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+        x = x.astype(self.dtype)
+        return rotary_embedding(self._heads(x + self._low_rank("q", x)), positions, theta)
+
+    def keys_values(self, feats: jax.Array, positions: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
+        f = feats.astype(self.dtype)
+        k = rotary_embedding(self._heads(f + self._low_rank("k", f)), positions, theta)
+        return k, self._heads(f + self._low_rank("v", f))
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        flat = attended.reshape(*attended.shape[:-2], -1)
+        return self._low_rank("o", flat)
+
+
+class Router(nnx.Module):
+    """``softmax(silu(sum_heads(P) @ W_r + b_r))`` -> per-token weights of (visual, textual)."""
+
+    def __init__(self, max_len: int, rt: Runtime, *, rngs: nnx.Rngs):
+        # nn.Linear's default init in the original: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / math.sqrt(max_len)
+        init = jax.nn.initializers.uniform(2 * bound)
+        shifted = lambda key, shape, dtype: init(key, shape, dtype) - bound  # noqa: E731
+        self.weight = make_param(rngs, shifted, (max_len, 2), ("router_len", "router_out"), rt.storage_dtype)
+        self.bias = make_param(rngs, shifted, (2,), ("router_out",), rt.storage_dtype)
+
+    def rows(self, key_positions: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...].astype(jnp.float32), key_positions, axis=0, mode="clip")
+
+    def __call__(self, head_summed: jax.Array) -> jax.Array:
+        return jax.nn.softmax(jax.nn.silu(head_summed + self.bias[...].astype(jnp.float32)), axis=-1)
+
+
+class WingsBlock(nnx.Module):
+    """The side branch: ``h + mix(visual(h), textual(h))`` (see ``qwen.DecoderLayer``)."""
+
+    def __init__(self, llm: QwenConfig, cfg: WingsConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        self.cfg, self.rt, self.theta = cfg, rt, llm.rope_theta
+        self.all_layers = cfg.learner_layers is None
+        make = lambda: LoRRALearner(llm.hidden_size, llm.num_heads, cfg.lora_rank, rt, rngs=rngs)  # noqa: E731
+        self.visual = make()
+        self.textual = make()
+        self.router = Router(cfg.router_max_len, rt, rngs=rngs)
+
+    def router_values(self, key_positions: jax.Array) -> jax.Array | None:
+        return self.router.rows(key_positions) if self.cfg.uses_router else None
+
+    def __call__(self, h, router_in, inputs: SideInputs, cache, learner_on):
+        if self.all_layers:
+            return self._apply(h, router_in, inputs, cache)
+        # Layers outside learner_layers skip the learners at run time (one scanned body for all layers).
+        skip = lambda: (h, self._passthrough_cache(cache))  # noqa: E731
+        return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, inputs, cache), skip)
+
+    def _passthrough_cache(self, cache):
+        if cache is None:
+            return {}
+        return {name: cache[name] for name in ("image_k", "image_v", "text_k", "text_v") if name in cache}
+
+    def _apply(self, h, router_in, inputs: SideInputs, cache):
+        updates = {}
+        visual = self._visual(h, inputs, cache, updates)
+        if not self.cfg.uses_router:
+            return h + visual, updates
+        textual = self._textual(h, inputs, cache, updates)
+        weights = self.router(router_in) * inputs.repeats[:, None, :]  # (B, T, 2), float32
+        mixed = weights[..., :1].astype(h.dtype) * visual + weights[..., 1:].astype(h.dtype) * textual
+        return h + mixed, updates
+
+    def _visual(self, h, inputs: SideInputs, cache, updates):
+        if inputs.image_feats is None:
+            k, v = cache["image_k"], cache["image_v"]
+        else:
+            k, v = self.visual.keys_values(inputs.image_feats, inputs.image_positions, self.theta)
+        if cache is not None:
+            updates["image_k"], updates["image_v"] = k, v
+        q = self.visual.queries(h, inputs.positions, self.theta)
+        out, _ = attention_lib.attend(
+            q, k, v, q_pos=inputs.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
+            k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
+            q_chunk=self.rt.q_chunk,
+        )
+        return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
+
+    def _textual(self, h, inputs: SideInputs, cache, updates):
+        k, v = self.textual.keys_values(inputs.text_feats, inputs.positions, self.theta)
+        if cache is not None:
+            k = write_slots(cache["text_k"], k, inputs.slots)
+            v = write_slots(cache["text_v"], v, inputs.slots)
+            updates["text_k"], updates["text_v"] = k, v
+        q = self.textual.queries(h, inputs.positions, self.theta)
+        out, _ = attention_lib.attend(
+            q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=inputs.segments,
+            k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+        )
+        return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))

@@ -1,0 +1,246 @@
+"""WingsModel: SigLIP tower -> projector -> image features at the image slots -> Qwen2 with learners.
+
+Entry points (big_vision style): ``embed_image``, ``embed_text``, ``__call__`` / ``hidden_states``
+(teacher-forced forward of a batch, see docs/architecture.md for its keys), ``prefill`` and
+``extend`` (incremental decoding with a :class:`~wings_jax.model.qwen.DecodeCache`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.learners import SideInputs, WingsBlock, WingsConfig
+from wings_jax.model.projector import Projector
+from wings_jax.model.qwen import DecodeCache, Qwen2, QwenConfig, Runtime, cache_slots, write_slots
+from wings_jax.model.siglip import SiglipConfig, SiglipVisionTower
+from wings_jax.sharding import constrain
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class WingsModelConfig:
+    llm: QwenConfig
+    vision: SiglipConfig | None
+    wings: WingsConfig = WingsConfig()
+    projector: str = "mlp2x_gelu"
+
+    @property
+    def tokens_per_image(self) -> int:
+        return 0 if self.vision is None else (self.vision.image_size // self.vision.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WingsModelConfig":
+        wings = dict(d.get("wings") or {})
+        if wings.get("learner_layers") is not None:
+            wings["learner_layers"] = tuple(wings["learner_layers"])
+        return cls(
+            llm=QwenConfig(**d["llm"]),
+            vision=SiglipConfig(**d["vision"]) if d.get("vision") else None,
+            wings=WingsConfig(**wings),
+            projector=d.get("projector", "mlp2x_gelu"),
+        )
+
+
+class WingsModel(nnx.Module):
+    def __init__(self, cfg: WingsModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        self.cfg, self.rt = cfg, rt
+        llm = cfg.llm
+        if cfg.wings.mixing == "reference" and cfg.vision is None:
+            raise ValueError("mixing='reference' needs a vision tower (text-only rows attend to a blank image)")
+        self.layer_flags = cfg.wings.layer_flags(llm.num_layers)  # static; a jnp array at call time
+        if cfg.vision is not None:
+            self.vision = SiglipVisionTower(cfg.vision, rt, rngs=rngs)
+            self.projector = Projector(cfg.projector, cfg.vision.hidden_size, llm.hidden_size, rt, rngs=rngs)
+        else:
+            self.vision = self.projector = None
+        self.llm = Qwen2(llm, rt, rngs=rngs, side_factory=lambda r: WingsBlock(llm, cfg.wings, rt, rngs=r))
+
+    # -----------------------------------------------------------------------------------------
+    # entry points
+
+    def embed_image(self, images: jax.Array, precomputed: bool = False) -> jax.Array:
+        """(B, I, S, S, 3) pixels -> (B, I, T, H) projected features.
+
+        The tower is frozen in every stage: its output is cut from the gradient, so training never
+        differentiates through it. ``precomputed=True`` takes tower outputs (B, I, T, D_vision).
+        """
+        if self.vision is None:
+            raise ValueError("this model has no vision tower; it cannot take images")
+        b, i = images.shape[:2]
+        flat = images.reshape(b * i, *images.shape[2:])
+        feats = flat if precomputed else self.vision(flat)
+        feats = self.projector(jax.lax.stop_gradient(feats))
+        return feats.reshape(b, i, *feats.shape[1:])
+
+    def embed_text(self, tokens: jax.Array) -> jax.Array:
+        return self.llm.embed_tokens(jnp.where(tokens == IMAGE_TOKEN_ID, 0, tokens))
+
+    def hidden_states(self, batch: Batch) -> jax.Array:
+        """Final-norm hidden states (B, L, H) of a teacher-forced batch."""
+        x, side = self._inputs(batch, cache=None)
+        hidden, _ = self.llm.decode(x, batch["positions"], batch["segment_ids"], side_inputs=side,
+                                    per_layer=jnp.asarray(self.layer_flags))
+        return hidden
+
+    def __call__(self, batch: Batch) -> jax.Array:
+        """Logits (B, L, vocab) of a teacher-forced batch."""
+        return self.llm.logits(self.hidden_states(batch))
+
+    def prefill(self, batch: Batch, max_length: int) -> tuple[jax.Array, DecodeCache]:
+        """Runs the prompt batch and returns its logits and a cache with room for ``max_length`` slots."""
+        self._require_cacheable()
+        num_image_tokens = self._num_image_tokens(batch)
+        b = batch["tokens"].shape[0]
+        llm, d = self.cfg.llm, self.cfg.llm.hidden_size // self.cfg.llm.num_heads
+        dtype = self.rt.compute_dtype
+        side = {
+            "text_k": ((b, max_length, llm.num_heads, d), dtype),
+            "text_v": ((b, max_length, llm.num_heads, d), dtype),
+            "image_k": ((b, num_image_tokens, llm.num_heads, d), dtype),
+            "image_v": ((b, num_image_tokens, llm.num_heads, d), dtype),
+        }
+        cache = self.llm.init_cache(b, max_length, side)
+        return self._run_cached(batch, cache)
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """Appends text ``tokens`` (B, T) at ``positions`` and returns their logits and the new cache."""
+        self._require_cacheable()
+        batch = {"tokens": tokens, "positions": positions, "segment_ids": jnp.ones_like(tokens),
+                 "text_mask": jnp.ones(tokens.shape, bool)}
+        return self._run_cached(batch, cache)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _require_cacheable(self):
+        if self.cfg.wings.mixing == "reference":
+            raise NotImplementedError(
+                "mixing='reference' reproduces the released code's teacher-forced forward only; "
+                "decode such a model by recomputing the whole sequence at each step"
+            )
+
+    def _num_image_tokens(self, batch: Batch) -> int:
+        images = batch.get("images", batch.get("image_features"))
+        if images is None or self.vision is None:
+            return 1
+        return images.shape[1] * self.cfg.tokens_per_image
+
+    def _run_cached(self, batch: Batch, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        x, side = self._inputs(batch, cache)
+        hidden, cache = self.llm.decode(x, batch["positions"], batch["segment_ids"], cache=cache,
+                                        side_inputs=side, per_layer=jnp.asarray(self.layer_flags))
+        cache = cache.replace(side={**cache.side, "text_segments": side.text_key_segments,
+                                    "image_positions": side.image_positions, "image_mask_pos": side.image_mask_pos,
+                                    "image_segments": side.image_segments})
+        return self.llm.logits(hidden), cache
+
+    def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
+        """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
+        if self.vision is None:
+            return None
+        if "image_features" in batch:
+            feats = self.embed_image(batch["image_features"], precomputed=True)
+        elif "images" in batch:
+            feats = self.embed_image(batch["images"])
+        else:
+            return None
+        mask = batch["image_mask"].astype(bool)
+        order = jnp.argsort(~mask, axis=1, stable=True)  # the k-th valid image fills the k-th run of slots
+        feats = jnp.take_along_axis(feats, order[:, :, None, None], axis=1)
+        return feats, jnp.take_along_axis(mask, order, axis=1)
+
+    def _inputs(self, batch: Batch, cache: DecodeCache | None) -> tuple[jax.Array, SideInputs]:
+        tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+        b, t = tokens.shape
+        is_image = tokens == IMAGE_TOKEN_ID
+        x = self.embed_text(tokens)
+        images = self._images(batch)
+        if images is not None:
+            feats, mask = images
+            flat = feats.reshape(b, -1, feats.shape[-1])
+            rank = jnp.cumsum(is_image, axis=1) - 1  # which image token fills each slot
+            placed = jnp.take_along_axis(flat, jnp.clip(rank, 0, flat.shape[1] - 1)[..., None], axis=1)
+            x = jnp.where(is_image[..., None], placed.astype(x.dtype), x)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        text_mask = batch.get("text_mask", ~is_image & (segments != 0)).astype(bool)
+
+        if self.cfg.wings.mixing == "reference":
+            return x, self._reference_side_inputs(x, batch, images, is_image)
+
+        # image keys: each placed image token, at the position of its slot
+        if images is not None:
+            m = flat.shape[1]
+            rows = jnp.arange(b)[:, None]
+            target = jnp.where(is_image, rank, m)  # slots that hold no image go out of range: dropped
+            image_positions = jnp.zeros((b, m), jnp.int32).at[rows, target].set(positions, mode="drop")
+            image_segments = jnp.zeros((b, m), jnp.int32).at[rows, target].set(segments, mode="drop")
+            image_segments *= jnp.repeat(mask, self.cfg.tokens_per_image, axis=1)
+            per_image = image_positions.reshape(b, -1, self.cfg.tokens_per_image)
+            image_mask_pos = jnp.broadcast_to(per_image[:, :, :1], per_image.shape).reshape(b, m)
+            image_feats = flat
+        elif cache is not None and "image_positions" in cache.side:
+            image_feats = None
+            image_positions, image_mask_pos = cache.side["image_positions"], cache.side["image_mask_pos"]
+            image_segments = cache.side["image_segments"]
+        else:  # no images at all: one key that nobody sees, so the visual learner adds exactly 0
+            image_feats = jnp.zeros((b, 1, x.shape[-1]), x.dtype)
+            image_positions = image_mask_pos = image_segments = jnp.zeros((b, 1), jnp.int32)
+
+        text_segments = jnp.where(text_mask, segments, 0)
+        slots = None
+        if cache is None:
+            key_pos, key_seg = positions, text_segments
+        else:
+            slots = cache_slots(positions, segments, cache.max_length)
+            previous = cache.side.get("text_segments", jnp.zeros_like(cache.positions))
+            key_seg = write_slots(previous, text_segments, slots)
+            key_pos = write_slots(cache.positions, positions, slots)
+        side = SideInputs(
+            positions=positions, segments=segments, image_feats=image_feats, image_positions=image_positions,
+            image_mask_pos=image_mask_pos, image_segments=image_segments, image_query_segments=segments,
+            text_feats=x, text_query_mask_pos=positions, text_key_mask_pos=key_pos, text_key_segments=key_seg,
+            repeats=jnp.ones((b, 2), jnp.float32), slots=slots,
+        )
+        return x, side
+
+    def _reference_side_inputs(self, x, batch: Batch, images, is_image) -> SideInputs:
+        """The released code's learner inputs (spec section 5), for one image per row, unpacked rows."""
+        positions, segments = batch["positions"], batch["segment_ids"]
+        b, t = positions.shape
+        n_img = self.cfg.tokens_per_image
+        valid_len = jnp.sum(segments != 0, axis=1)  # right padding: valid slots are 0..valid_len-1
+        slot = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        has_image = jnp.any(is_image, axis=1)
+        first = jnp.argmax(is_image, axis=1)  # first image slot of the row
+        # visual keys: the row's first image, or a blank (all-zero pixel) image at positions 0..T-1
+        blank = self.embed_image(jnp.zeros((1, 1, self.cfg.vision.image_size, self.cfg.vision.image_size, 3),
+                                           x.dtype))[0, 0]
+        own = images[0][:, 0] if images is not None else jnp.broadcast_to(blank, (b, *blank.shape))
+        image_feats = jnp.where(has_image[:, None, None], own, blank[None])
+        offsets = jnp.arange(n_img)[None]
+        image_positions = jnp.where(has_image[:, None], first[:, None] + offsets, offsets).astype(jnp.int32)
+        # a text-only row shorter than one image sees only its first valid_len blank tokens ...
+        image_segments = (has_image[:, None] | (offsets < valid_len[:, None])).astype(jnp.int32)
+        # ... and its first visual add is masked out; every other row adds the routed outputs twice
+        short_text_only = ~has_image & (valid_len < n_img)
+        repeats = jnp.stack([jnp.where(short_text_only, 1.0, 2.0), jnp.full((b,), 2.0)], axis=1)
+        # text features: slots [system_prompt_length, image start) + [image end, L), all slots without image
+        sys_len = self.cfg.wings.system_prompt_length
+        in_text = jnp.where(has_image[:, None], ((slot >= sys_len) & (slot < first[:, None]))
+                            | (slot >= first[:, None] + n_img), True) & (slot < valid_len[:, None])
+        rank = jnp.cumsum(in_text, axis=1) - 1  # masked by compacted feature index, not by position
+        return SideInputs(
+            positions=positions, segments=segments, image_feats=image_feats.astype(x.dtype),
+            image_positions=image_positions, image_mask_pos=jnp.zeros_like(image_positions),
+            image_segments=image_segments, image_query_segments=jnp.ones_like(segments),
+            text_feats=x, text_query_mask_pos=slot, text_key_mask_pos=rank,
+            text_key_segments=jnp.where(in_text, segments, 0), repeats=repeats,
+        )
