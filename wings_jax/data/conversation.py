@@ -2,7 +2,9 @@
 
 A conversation is a list of `Turn`s (roles 'system', 'user', 'assistant'). `ChatFormatter.encode` renders
 
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{question}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n      (the three lines joined, no line breaks between them)
 
 exactly like Qwen's chat template (`tokenizer.apply_chat_template`), tokenizes it, and replaces the k-th
 `<image>` placeholder by `tokens_per_image` slots of IMAGE_TOKEN_ID for the k-th image.

@@ -51,7 +51,7 @@ def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
             data, name = bytes(source), name or "<image bytes>"
         else:
             name = name or os.fspath(source)
-            data = _read_file(source, name)
+            data = read_image_file(source, name)
         try:
             image = Image.open(io.BytesIO(data))
             # Decode now: a truncated file only fails here, and it must fail inside this try.
@@ -98,7 +98,8 @@ def preprocess_image(source: ImageSource, image_size: int, aspect: str = "pad", 
     return normalize(to_square_pixels(load_image(source, name=name), image_size, aspect))
 
 
-def _read_file(path: str | os.PathLike, name: str) -> bytes:
+def read_image_file(path: str | os.PathLike, name: str) -> bytes:
+    """The bytes of an image file (local or gs://); `BadImageError` (kind 'missing_image') if it does not exist."""
     from etils import epath  # local paths and gs:// alike
 
     try:
