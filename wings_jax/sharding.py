@@ -132,25 +132,20 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def state_partition_specs(state: Any, rules: Rules = DEFAULT_RULES) -> Any:
-    """Maps an ``nnx.State`` (concrete or abstract) to a tree of PartitionSpecs."""
-    return jax.tree.map(
-        lambda v: spec_for(logical_axes_of(v), rules),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-
-
-def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, check: bool = True) -> Any:
-    """NamedShardings for every variable of ``state``; raises if a dimension does not divide."""
-
-    def one(path, v):
-        spec = spec_for(logical_axes_of(v), rules)
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, check: bool = True) -> dict:
+    """NamedShardings for every variable of an ``nnx.State``, as a pure nested dict (the shape of
+    ``state.to_pure_dict()``); raises if a dimension does not divide its mesh axes."""
+    out: dict = {}
+    for path, variable in nnx.to_flat_state(state):
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        spec = spec_for(logical_axes_of(variable), rules)
         if check:
-            check_divisible(np.shape(v.get_value()), spec, mesh, "parameter " + "/".join(str(getattr(p, "key", p)) for p in path))
-        return NamedSharding(mesh, spec)
-
-    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            check_divisible(np.shape(variable.get_value()), spec, mesh, f"parameter {name}")
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(getattr(key, "key", key), {})
+        node[getattr(path[-1], "key", path[-1])] = NamedSharding(mesh, spec)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

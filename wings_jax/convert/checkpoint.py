@@ -102,8 +102,6 @@ def restore_params(
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, target)
-    elif isinstance(shardings, nnx.State):
-        shardings = shardings.to_pure_dict()
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     try:
         return ocp.StandardCheckpointer().restore(params_dir, target)

@@ -92,3 +92,13 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512, seed: 
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     build_local_qwen_tokenizer(tokenizer_dir, vocab_size=vocab_size)
     return DemoDataset(paths[0], paths[1], image_root, tokenizer_dir, num_records)
+
+
+def ensure_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512) -> DemoDataset:
+    """The demo data set in ``out_dir``, written first if it is not there yet."""
+    out_dir = os.fspath(out_dir)
+    dataset = DemoDataset(os.path.join(out_dir, "multimodal.jsonl"), os.path.join(out_dir, "text.jsonl"),
+                          os.path.join(out_dir, "images"), os.path.join(out_dir, "tokenizer"), num_records)
+    if not os.path.exists(os.path.join(dataset.tokenizer_dir, "tokenizer.json")):
+        return make_demo_dataset(out_dir, num_records=num_records)
+    return dataset

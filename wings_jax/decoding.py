@@ -1,0 +1,286 @@
+"""Batched generation with a WingsModel: prompts -> padded batch -> prefill -> one extend per new token.
+
+    decoder = Decoder(model)
+    prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\\nWhat is it?")], ["cat.jpg"])
+    [result] = decoder.generate([prompt], max_new_tokens=64, stop_ids=stop_token_ids(tokenizer))
+
+Prompts of different lengths share one right-padded batch; every row continues at its own length
+(the cache slot of a token is its position). Shapes are fixed for a whole call: the prompt batch is
+padded to a bucketed length and the cache holds that length plus ``max_new_tokens``, so the prefill
+compiles once per bucket and the per-token step once per cache size.
+
+``recompute=True`` instead runs the full teacher-forced forward on the growing sequence at every step
+(also at fixed shapes). It is how ``mixing='reference'`` models decode (their forward is only defined
+teacher-forced) and an independent oracle for the cached path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wings_jax.convert.checkpoint import load_model
+from wings_jax.convert.hf_io import ConversionError
+from wings_jax.data.assemble import Prompt, encode_prompt
+from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER
+from wings_jax.data.conversation import TurnLike
+from wings_jax.data.images import ImageSource
+from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.model.qwen import Runtime
+from wings_jax.model.wings import WingsModel, WingsModelConfig
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve (too long, bad sampling settings); the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. ``temperature == 0`` is greedy; ``top_k == 0`` / ``top_p == 1`` are off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # the new tokens, without the stop token
+    finish_reason: str  # "stop": a stop token came; "length": max_new_tokens were generated
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts and batches
+
+
+def load_for_inference(path: str, dtype: str = "float32") -> tuple[WingsModel, Any]:
+    """The model (parameters stored and computed in ``dtype``) and tokenizer of a checkpoint or workdir."""
+    from etils import epath
+
+    if not epath.Path(path).exists():
+        raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
+                              "(python -m wings_jax.convert import-hf ...) or a training workdir")
+    model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype))
+    return model, load_tokenizer(path)
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of ``<|im_end|>`` (end of an assistant turn) and ``<|endoftext|>`` that the tokenizer knows."""
+    vocab = tokenizer.get_vocab()
+    return tuple(vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab)
+
+
+def with_image_placeholders(text: str, num_images: int) -> str:
+    """Puts one ``<image>`` line per image before ``text`` unless the text places them itself (LLaVA style)."""
+    if num_images and IMAGE_PLACEHOLDER not in text:
+        return IMAGE_PLACEHOLDER + "\n" + (IMAGE_PLACEHOLDER + "\n") * (num_images - 1) + text
+    return text
+
+
+def encode_chat(cfg: WingsModelConfig, tokenizer, turns: Sequence[TurnLike], images: Sequence[ImageSource] = (),
+                *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Prompt:
+    """A generation prompt for a model of config ``cfg`` (image size and slots from its tower)."""
+    if images and cfg.vision is None:
+        raise GenerationError("this model has no vision tower; it cannot take images")
+    # A text-only model never expands a placeholder; the formatter just needs a positive slot count.
+    return encode_prompt(tokenizer, turns, images, image_size=cfg.vision.image_size if cfg.vision else 1,
+                         tokens_per_image=max(cfg.tokens_per_image, 1), system_prompt=system_prompt)
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them) that holds ``n``.
+
+    Padding to these bounds the number of compiled shapes by a logarithm while wasting at most a third.
+    """
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
+
+
+def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]:
+    """Right-padded batch (docs/architecture.md) of unpadded prompts; image keys only if some prompt has images."""
+    b = len(prompts)
+    batch = {"tokens": np.zeros((b, length), np.int32), "positions": np.zeros((b, length), np.int32),
+             "segment_ids": np.zeros((b, length), np.int32), "text_mask": np.zeros((b, length), bool)}
+    for row, p in enumerate(prompts):
+        n = len(p.tokens)
+        if n > length:
+            raise ValueError(f"prompt {row} has {n} tokens, more than the batch length {length}")
+        batch["tokens"][row, :n] = p.tokens
+        batch["positions"][row, :n] = p.positions
+        batch["segment_ids"][row, :n] = 1
+        batch["text_mask"][row, :n] = p.text_mask
+    num_images = max(len(p.image_mask) for p in prompts)
+    if num_images:
+        size = next(p.images.shape[1:] for p in prompts if len(p.image_mask))
+        batch["images"] = np.zeros((b, num_images, *size), np.float32)
+        batch["image_mask"] = np.zeros((b, num_images), bool)
+        for row, p in enumerate(prompts):
+            batch["images"][row, :len(p.image_mask)] = p.images
+            batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+    return batch
+
+
+def check_length(cfg: WingsModelConfig, length: int, what: str) -> None:
+    """Refuses sequences longer than the router can weigh (it has one weight row per position)."""
+    limit = cfg.wings.router_max_len
+    if cfg.wings.uses_router and length > limit:
+        raise GenerationError(f"{what} needs {length} positions, but the model's router weighs at most "
+                              f"{limit} (wings.router_max_len); shorten the prompt or ask for fewer new tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens (B,) from last-position logits (B, V)."""
+    logits = logits.astype(jnp.float32)
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (always the first).
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder
+
+
+def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
+    """(B, T, V) -> (B, V): each row's logits at its last valid token."""
+    return logits[jnp.arange(logits.shape[0]), lengths - 1]
+
+
+class Decoder:
+    """Jitted prefill / extend / recompute steps of one model, compiled once per shape and reused."""
+
+    def __init__(self, model: WingsModel):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        graphdef = self.graphdef
+
+        def prefill(state, batch, lengths, key, max_length, sampling):
+            logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
+            return sample_tokens(_last(logits, lengths), key, sampling), cache
+
+        def extend(state, cache, tokens, positions, key, sampling):
+            logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
+            return sample_tokens(logits[:, 0], key, sampling), cache
+
+        def recompute(state, batch, lengths, key, sampling):
+            return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, sampling)
+
+        def forward(state, batch):
+            return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
+
+        self._prefill = jax.jit(prefill, static_argnames=("max_length", "sampling"))
+        # The old cache is dead after a step: let XLA update it in place where the backend can.
+        self._extend = jax.jit(extend, static_argnames=("sampling",),
+                               donate_argnames=("cache",) if jax.default_backend() != "cpu" else ())
+        self._recompute = jax.jit(recompute, static_argnames=("sampling",))
+        self._forward = jax.jit(forward)
+
+    @property
+    def must_recompute(self) -> bool:
+        return self.cfg.wings.mixing == "reference"
+
+    def logits(self, prompt: Prompt) -> np.ndarray:
+        """float32 logits (n, vocab) of the teacher-forced forward of one prompt."""
+        n = len(prompt.tokens)
+        check_length(self.cfg, n, "the prompt")
+        return np.asarray(self._forward(self.state, pad_prompts([prompt], n)))[0]
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None) -> list[Generation]:
+        """Generates up to ``max_new_tokens`` per prompt; a row stops at its first token in ``stop_ids``.
+
+        ``recompute=None`` picks the cached path unless the model's mixing needs recomputation.
+        """
+        if not prompts:
+            raise GenerationError("no prompts to generate from")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        lengths = np.asarray([len(p.tokens) for p in prompts], np.int32)
+        if lengths.min() < 1:
+            raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
+        check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens")
+        if recompute is None:
+            recompute = self.must_recompute
+        elif not recompute and self.must_recompute:
+            raise GenerationError("mixing='reference' models decode only by recomputation (recompute=True)")
+        steps = (self._recompute_steps if recompute else self._cached_steps)(
+            prompts, lengths, max_new_tokens, sampling, jax.random.key(seed))
+        return _collect(steps, len(prompts), max_new_tokens, set(stop_ids))
+
+    def _cached_steps(self, prompts, lengths, max_new_tokens, sampling, key) -> Iterator[np.ndarray]:
+        batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
+        max_length = batch["tokens"].shape[1] + max_new_tokens
+        tokens, cache = self._prefill(self.state, batch, lengths, jax.random.fold_in(key, 0),
+                                      max_length=max_length, sampling=sampling)
+        for step in range(1, max_new_tokens + 1):
+            yield np.asarray(tokens)
+            # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample the next.
+            tokens, cache = self._extend(self.state, cache, tokens, jnp.asarray(lengths + step - 1),
+                                         jax.random.fold_in(key, step), sampling=sampling)
+
+    def _recompute_steps(self, prompts, lengths, max_new_tokens, sampling, key) -> Iterator[np.ndarray]:
+        # One buffer for the whole call: every step is the same shape (finished rows keep growing too).
+        batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
+        rows, lengths = np.arange(len(prompts)), lengths.copy()
+        for step in range(max_new_tokens):
+            tokens = np.asarray(self._recompute(self.state, batch, lengths, jax.random.fold_in(key, step),
+                                                sampling=sampling))
+            yield tokens
+            batch["tokens"][rows, lengths] = tokens
+            batch["positions"][rows, lengths] = lengths
+            batch["segment_ids"][rows, lengths] = 1
+            batch["text_mask"][rows, lengths] = True  # generated text comes after the system turn
+            lengths += 1
+
+
+def _collect(steps: Iterator[np.ndarray], batch: int, max_new_tokens: int, stop_ids: set[int]) -> list[Generation]:
+    """Per-row tokens until a stop token or max_new_tokens; stops pulling steps when every row is done."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    reasons: list[str | None] = [None] * batch
+    for step, tokens in enumerate(steps):
+        for row, token in enumerate(tokens.tolist()):
+            if reasons[row] is not None:
+                continue
+            if token in stop_ids:
+                reasons[row] = "stop"
+            else:
+                out[row].append(token)
+        if all(r is not None for r in reasons) or step + 1 == max_new_tokens:
+            break
+    return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+

@@ -1,0 +1,250 @@
+"""Multiple-choice evaluation by option log-likelihood (e.g. text-only retention: MMLU-style questions).
+
+    python -m wings_jax.evaluate --ckpt CKPT --data questions.jsonl [--batch-size 8] [--output results.json]
+
+One JSON object per line::
+
+    {"question": "...", "options": ["...", ...] or {"A": "...", ...}, "answer": "B" (key / letter, or the
+     option's text, or a 0-based index into a list), "image": "img.png" (optional, relative to the file's
+     directory), "subject": "..." (optional), "id": ... (optional)}
+
+Each option is scored by the sum of the log-probabilities of its tokens after the generation prompt of
+the question (ChatML, the question as the user turn, ``<image>`` first if there is an image), exactly as
+the model would have to write it. The prediction is the best-scoring option. (question, option) rows run
+through the teacher-forced forward in batches of fixed size, padded to bucketed lengths, so few shapes
+are ever compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import string
+import sys
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from wings_jax.convert.hf_io import ConversionError
+from wings_jax.data.assemble import Prompt
+from wings_jax.data.conversation import Turn
+from wings_jax.data.errors import BadRecordError, DataError
+from wings_jax.decoding import (GenerationError, bucket_length, check_length, encode_chat, load_for_inference,
+                                pad_prompts, with_image_placeholders)
+from wings_jax.model.wings import WingsModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    where: str  # "FILE:LINE", for messages
+    question: str
+    options: tuple[str, ...]
+    answer: int  # index into options
+    image: str | None  # resolved path
+    subject: str | None
+
+
+def read_questions(path: str) -> list[Question]:
+    """Parses and checks every record of a JSON-lines file; errors name the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise DataError(f"cannot read the evaluation file {path!r}: {e}") from e
+    questions = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{path}:{number}"
+            try:
+                questions.append(_question(json.loads(line), where, os.path.dirname(os.path.abspath(path))))
+            except json.JSONDecodeError as e:
+                raise BadRecordError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not questions:
+        raise BadRecordError(f"{path}: holds no records")
+    return questions
+
+
+def _question(record: Any, where: str, root: str) -> Question:
+    if not isinstance(record, Mapping):
+        raise BadRecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise BadRecordError(f"{where}: 'question' must be a non-empty string")
+    keys, options = _options(record.get("options"), where)
+    answer = _answer_index(record.get("answer"), keys, options, where)
+    image = record.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise BadRecordError(f"{where}: 'image' must be a path, got {image!r}")
+        image = os.path.join(root, image)  # an absolute path stays as it is
+        if not os.path.isfile(image):
+            raise BadRecordError(f"{where}: image file {image!r} does not exist; fix the record's 'image' "
+                                 "(relative paths start at the evaluation file's directory)", kind="missing_image")
+    subject = record.get("subject")
+    return Question(where, question, options, answer, image, None if subject is None else str(subject))
+
+
+def _options(raw: Any, where: str) -> tuple[list[str], tuple[str, ...]]:
+    """(keys, texts): dict keys as given, list options keyed A, B, C, ..."""
+    if isinstance(raw, Mapping):
+        keys, texts = [str(k) for k in raw], list(raw.values())
+    elif isinstance(raw, list):
+        if len(raw) > len(string.ascii_uppercase):
+            raise BadRecordError(f"{where}: {len(raw)} options; at most 26 (A-Z) are supported")
+        keys, texts = list(string.ascii_uppercase[:len(raw)]), raw
+    else:
+        raise BadRecordError(f"{where}: 'options' must be a list or an object of option texts, got {raw!r}")
+    if len(texts) < 2:
+        raise BadRecordError(f"{where}: 'options' must hold at least two options, got {len(texts)}")
+    for key, text in zip(keys, texts):
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecordError(f"{where}: option {key} must be a non-empty string, got {text!r}")
+    return keys, tuple(texts)
+
+
+def _answer_index(answer: Any, keys: list[str], options: tuple[str, ...], where: str) -> int:
+    """The answer as an option index: a key (or letter), an option's text, or a 0-based index into a list."""
+    lettered = keys == list(string.ascii_uppercase[:len(keys)])
+    if isinstance(answer, int) and not isinstance(answer, bool) and lettered and 0 <= answer < len(options):
+        return answer
+    if isinstance(answer, str):
+        matches = {i for i, k in enumerate(keys) if k == answer.strip()} | {i for i, t in enumerate(options) if t == answer}
+        if len(matches) > 1:
+            raise BadRecordError(f"{where}: answer {answer!r} names a key of one option and the text of another; "
+                                 "give the key", kind="bad_answer")
+        if matches:
+            return matches.pop()
+    raise BadRecordError(f"{where}: answer {answer!r} is not among the options (keys {keys} or their texts)",
+                         kind="bad_answer")
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def _score_fn(graphdef: nnx.GraphDef):
+    def score(state, batch, scored):
+        """Sum over positions t with ``scored[t]`` of log p(tokens[t] | tokens[:t])."""
+        logits = nnx.merge(graphdef, state)(batch)[:, :-1].astype(jnp.float32)
+        targets = jnp.maximum(batch["tokens"][:, 1:], 0)  # image slots (negative ids) are never scored
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        logp = picked - jax.nn.logsumexp(logits, axis=-1)
+        return jnp.sum(jnp.where(scored[:, 1:], logp, 0.0), axis=-1)
+
+    return jax.jit(score)
+
+
+def _rows(model: WingsModel, tokenizer, questions: Sequence[Question]) -> Iterator[tuple[Prompt, int]]:
+    """(prompt + option tokens, number of option tokens) per option, question by question."""
+    for q in questions:
+        images = [q.image] if q.image else []
+        try:
+            prompt = encode_chat(model.cfg, tokenizer, [Turn("user", with_image_placeholders(q.question, len(images)))],
+                                 images)
+        except (DataError, GenerationError) as e:
+            raise BadRecordError(f"{q.where}: {e}") from None
+        for option in q.options:
+            ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
+            n = len(prompt.tokens) + len(ids)
+            try:
+                check_length(model.cfg, n, "the question with this option")
+            except GenerationError as e:
+                raise BadRecordError(f"{q.where}: {e}") from None
+            yield prompt._replace(tokens=np.concatenate([prompt.tokens, ids]),
+                                  positions=np.arange(n, dtype=np.int32),
+                                  text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)])), len(ids)
+
+
+def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], batch_size: int = 8,
+                  progress: bool = True) -> list[np.ndarray]:
+    """Log-likelihood of every option of every question (one array per question)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    with_image = next((q for q in questions if q.image), None)
+    if with_image is not None and model.cfg.vision is None:
+        raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
+    graphdef, state = nnx.split(model)
+    score = _score_fn(graphdef)
+    empty = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
+                   np.zeros(0, bool))  # fills the last batch: all padding, scores nothing
+    scores: list[float] = []
+    pending: list[tuple[Prompt, int]] = []
+
+    def flush():
+        rows = [r for r, _ in pending] + [empty] * (batch_size - len(pending))
+        batch = pad_prompts(rows, bucket_length(max(len(r.tokens) for r in rows)))
+        scored = np.zeros(batch["tokens"].shape, bool)
+        for i, (row, m) in enumerate(pending):
+            scored[i, len(row.tokens) - m:len(row.tokens)] = True
+        scores.extend(np.asarray(score(state, batch, scored))[:len(pending)].tolist())
+        bar.update(len(pending))
+        pending.clear()
+
+    total = sum(len(q.options) for q in questions)
+    with tqdm(total=total, desc="options", unit="opt", disable=not progress, file=sys.stderr) as bar:
+        for row in _rows(model, tokenizer, questions):
+            pending.append(row)
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    bounds = np.cumsum([0] + [len(q.options) for q in questions])
+    return [np.asarray(scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray]) -> dict:
+    """{"accuracy", "count", "per_subject": {subject: {"accuracy", "count"}}} (questions without subject
+    count only in the total)."""
+    correct = [int(np.argmax(s)) == q.answer for q, s in zip(questions, scores)]
+    by_subject: dict[str, list[bool]] = collections.defaultdict(list)
+    for q, ok in zip(questions, correct):
+        if q.subject is not None:
+            by_subject[q.subject].append(ok)
+
+    def summary(values: list[bool]) -> dict:
+        return {"accuracy": sum(values) / len(values), "count": len(values)}
+
+    return {**summary(correct), "per_subject": {s: summary(v) for s, v in sorted(by_subject.items())}}
+
+
+def evaluate(model: WingsModel, tokenizer, questions: Sequence[Question], batch_size: int = 8,
+             progress: bool = True) -> dict:
+    return accuracy_report(questions, score_options(model, tokenizer, questions, batch_size, progress))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m wings_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="converted checkpoint or training workdir (holds the tokenizer)")
+    p.add_argument("--data", required=True, help="JSON-lines file of multiple-choice questions")
+    p.add_argument("--batch-size", type=int, default=8, help="(question, option) rows per forward")
+    p.add_argument("--output", help="also write the results here (JSON)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        questions = read_questions(args.data)  # every record is checked before the model is loaded
+        model, tokenizer = load_for_inference(args.ckpt, args.dtype)
+        results = evaluate(model, tokenizer, questions, args.batch_size)
+    except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Chat with a Wings checkpoint.
+
+    python -m wings_jax.generate --ckpt CKPT --prompt "What is in the picture?" --image cat.jpg
+    python -m wings_jax.generate --ckpt CKPT            # interactive: one user message per line
+
+The conversation is formatted as in training (ChatML, default system turn, ``<image>`` placeholders
+expanded to image slots) and ends with the assistant header ``<|im_start|>assistant\\n``. Without an
+``<image>`` in the text, each image goes on its own line before it. Generation stops at ``<|im_end|>``
+or ``<|endoftext|>`` (unless --ignore-eos) or after --max-new-tokens.
+
+Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the
+next message; the whole conversation is kept and re-read at every turn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from wings_jax.convert.hf_io import ConversionError
+from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
+from wings_jax.data.conversation import Turn
+from wings_jax.data.errors import DataError
+from wings_jax.decoding import (Decoder, GenerationError, Sampling, decode_text, encode_chat, load_for_inference,
+                                stop_token_ids, with_image_placeholders)
+
+EXIT_COMMAND, IMAGE_COMMAND = "/exit", "/image "
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m wings_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="converted checkpoint or training workdir (holds the tokenizer)")
+    p.add_argument("--prompt", help="the user message; without it, chat interactively on stdin")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the (first) message; repeatable")
+    p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system turn")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="never stop before --max-new-tokens")
+    p.add_argument("--json", action="store_true", help="print {prompt_token_ids, generated_token_ids, text}")
+    p.add_argument("--save-logits", metavar="FILE.npy",
+                   help="write the float32 logits [prompt_len, vocab] of the prompt's teacher-forced forward")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    return p
+
+
+class Chat:
+    """One conversation with a loaded model: turns and images so far, and how to answer the next message."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
+        self.decoder = Decoder(self.model)
+        self.sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
+        self.turns: list[Turn] = []
+        self.images: list[str] = []
+
+    def check_images(self, paths: Sequence[str]) -> None:
+        if paths and self.model.cfg.vision is None:
+            raise GenerationError(f"checkpoint {self.args.ckpt!r} has no vision tower; it cannot take images "
+                                  f"({', '.join(paths)})")
+
+    def answer(self, message: str, images: Sequence[str]) -> dict:
+        """Generates the reply to ``message``; the conversation only grows when that succeeds."""
+        self.check_images(images)
+        user = Turn("user", with_image_placeholders(message, len(images)))
+        prompt = encode_chat(self.model.cfg, self.tokenizer, [*self.turns, user], [*self.images, *images],
+                             system_prompt=self.args.system)
+        [result] = self.decoder.generate([prompt], self.args.max_new_tokens, self.sampling, self.stop_ids,
+                                         seed=self.args.seed)
+        text = decode_text(self.tokenizer, result.token_ids)
+        self.turns += [user, Turn("assistant", text)]
+        self.images += images
+        if self.args.save_logits:
+            np.save(self.args.save_logits, self.decoder.logits(prompt))
+        return {"prompt_token_ids": prompt.tokens.tolist(), "generated_token_ids": result.token_ids, "text": text,
+                "finish_reason": result.finish_reason}
+
+    def show(self, reply: dict) -> None:
+        print(json.dumps(reply) if self.args.json else reply["text"], flush=True)
+
+
+def _interactive(chat: Chat) -> None:
+    pending = list(chat.args.image)
+    prompt_user = sys.stdin.isatty()
+    while True:
+        if prompt_user:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == EXIT_COMMAND:
+            return
+        line = line.rstrip("\n")
+        if line.startswith(IMAGE_COMMAND):
+            pending.append(line[len(IMAGE_COMMAND):].strip())
+            continue
+        if not line.strip():
+            continue
+        try:
+            chat.show(chat.answer(line, pending))
+        except (DataError, GenerationError) as e:  # this message is dropped; the conversation goes on
+            print(f"error: {e}", file=sys.stderr)
+        pending = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.save_logits and args.prompt is None:
+        print("error: --save-logits needs --prompt (it saves the logits of that one prompt)", file=sys.stderr)
+        return 2
+    try:
+        chat = Chat(args)
+        chat.check_images(args.image)
+        if args.prompt is None:
+            _interactive(chat)
+        else:
+            chat.show(chat.answer(args.prompt, args.image))
+    except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

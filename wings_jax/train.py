@@ -1,0 +1,348 @@
+"""Training entry point.
+
+    python -m wings_jax.train [--config configs/demo.py] [--config.key=value ...] [--workdir DIR]
+        [--distributed | --coordinator_address HOST:PORT --num_processes N --process_id I]
+
+Without ``--config`` it runs the built-in tiny demo (configs/demo.py) on whatever devices are present.
+A run resumes from the newest complete checkpoint in its workdir; ``init_from`` starts a new run from
+a converted checkpoint. SIGTERM / SIGINT save a checkpoint and exit (pre-emption).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.experimental.multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from wings_jax import sharding
+from wings_jax.config import ConfigError, load_config, parse_command_line
+from wings_jax.convert import checkpoint
+from wings_jax.convert.hf_io import copy_tokenizer_files
+from wings_jax.data.demo import ensure_demo_dataset
+from wings_jax.data.pipeline import make_data_iterator
+from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.flops import count_flops, peak_flops_per_device
+from wings_jax.model.wings import WingsModel, WingsModelConfig
+from wings_jax.params import abstract_model, path_str
+from wings_jax.training import run_config
+from wings_jax.training.checkpointing import Checkpointer, PreemptionGuard
+from wings_jax.training.metrics import MetricsWriter
+from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
+from wings_jax.training.step import make_train_step
+
+log = logging.getLogger("wings_jax.train")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "text_mask", "images", "image_mask")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says what was kept."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything about a run that does not need parameter values: enough to compile its step."""
+
+    cfg: ml_collections.ConfigDict
+    model_cfg: WingsModelConfig
+    mesh: jax.sharding.Mesh
+    make_model: Any
+    graphdef: nnx.GraphDef
+    owner: dict[str, str]
+    tx: Any
+    abstract_trainable: Any  # pure pytrees of ShapeDtypeStruct carrying their shardings
+    abstract_frozen: Any
+    abstract_opt_state: Any
+    batch_shapes: dict[str, jax.ShapeDtypeStruct]
+    step_fn: Any  # jitted
+    flops_per_step: float
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _split_pure(full: dict, owner: dict[str, str]) -> tuple[dict, dict]:
+    """Splits a nested params dict into (trainable, frozen) by path."""
+    trainable, frozen = {}, {}
+
+    def walk(node, prefix, a, b):
+        for key, value in node.items():
+            path = f"{prefix}/{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                sub_a, sub_b = {}, {}
+                walk(value, path, sub_a, sub_b)
+                if sub_a:
+                    a[key] = sub_a
+                if sub_b:
+                    b[key] = sub_b
+            else:
+                (a if path in owner else b)[key] = value
+
+    walk(full, "", trainable, frozen)
+    return trainable, frozen
+
+
+def _merge_pure(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge_pure(out[key], value) if key in out and isinstance(value, dict) else value
+    return out
+
+
+def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count: int = 1) -> Plan:
+    """Checks the config against the mesh and builds the (not yet compiled) sharded train step."""
+    model_cfg = run_config.model_config(cfg)
+    rt = run_config.runtime(cfg)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    run_config.check_run(cfg, model_cfg, batch_shards, process_count)
+    rules = sharding.rules_from_config(cfg.mesh.rules.to_dict())
+
+    def make_model(rngs):
+        return WingsModel(model_cfg, rt, rngs=rngs)
+
+    abstract = abstract_model(make_model)
+    paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    owner = assign_groups(paths, cfg.optim.groups.to_dict())
+    graphdef, trainable_state, frozen_state = nnx.split(abstract, trainable_filter(owner), ...)
+    trainable_sh = sharding.state_shardings(trainable_state, mesh, rules)
+    frozen_sh = sharding.state_shardings(frozen_state, mesh, rules)
+    abstract_trainable = _with_shardings(trainable_state.to_pure_dict(), trainable_sh)
+    abstract_frozen = _with_shardings(frozen_state.to_pure_dict(), frozen_sh)
+
+    tx, schedules = make_optimizer(abstract_trainable, owner, cfg.optim, cfg.train.steps)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shapes = jax.eval_shape(tx.init, abstract_trainable)
+    opt_sh = _opt_state_shardings(opt_shapes, trainable_sh, replicated)
+    abstract_opt = _with_shardings(opt_shapes, opt_sh)
+
+    b, d = cfg.train.global_batch_size, cfg.data
+    image = model_cfg.vision.image_size if model_cfg.vision else 1
+    shapes = {
+        "tokens": ((b, d.max_len), jnp.int32), "labels": ((b, d.max_len), jnp.int32),
+        "positions": ((b, d.max_len), jnp.int32), "segment_ids": ((b, d.max_len), jnp.int32),
+        "text_mask": ((b, d.max_len), jnp.bool_), "images": ((b, d.max_images, image, image, 3), jnp.float32),
+        "image_mask": ((b, d.max_images), jnp.bool_),
+    }
+    batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
+                    for k, (s, t) in shapes.items()}
+
+    step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
+                           loss_chunk=min(cfg.train.loss_chunk, d.max_len), mesh=mesh, rules=rules)
+    step_fn = jax.jit(
+        step,
+        in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, {k: v.sharding for k, v in batch_shapes.items()}),
+        out_shardings=(trainable_sh, opt_sh, replicated),
+        donate_argnums=(0, 2),
+    )
+    components = {"llm" if not p.startswith(("projector/", "llm/layers/side/")) else
+                  ("projector" if p.startswith("projector/") else "learners") for p in owner}
+    flops = count_flops(model_cfg, batch=b, seq_len=d.max_len, images_per_row=d.max_images,
+                        trainable=components).training_total
+    return Plan(cfg, model_cfg, mesh, make_model, graphdef, owner, tx, abstract_trainable, abstract_frozen,
+                abstract_opt, batch_shapes, step_fn, flops)
+
+
+def _opt_state_shardings(opt_shapes: Any, param_shardings: dict, replicated) -> Any:
+    """Optimizer moments live where their parameters do; everything else (step counts) is replicated.
+
+    A moment leaf ends its key path with its parameter's dict keys (optax mirrors the parameter tree).
+    """
+    flat = {}
+
+    def collect(node, prefix):
+        for key, value in node.items():
+            path = f"{prefix}/{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                collect(value, path)
+            else:
+                flat[path] = value
+
+    collect(param_shardings, "")
+
+    def place(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, str(entry.key))
+        sharding_ = flat.get("/".join(keys))
+        return sharding_ if sharding_ is not None and len(leaf.shape) == len(sharding_.spec) else replicated
+
+    return jax.tree_util.tree_map_with_path(place, opt_shapes)
+
+
+def _initial_params(p: Plan, seed: int) -> tuple[Any, Any]:
+    """Parameters of a new run: init_from's weights, or a fresh initialisation."""
+    full_sh = _merge_pure(jax.tree.map(lambda a: a.sharding, p.abstract_trainable),
+                          jax.tree.map(lambda a: a.sharding, p.abstract_frozen))
+    if p.cfg.init_from:
+        _, state = nnx.split(abstract_model(p.make_model))
+        full = checkpoint.restore_params(checkpoint.latest_params_dir(p.cfg.init_from), state, full_sh)
+    else:
+        full = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict(),
+                       out_shardings=full_sh)()
+    return _split_pure(full, p.owner)
+
+
+def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Assembles each host's rows into global arrays laid out as the plan says."""
+    out = {}
+    for key, spec in shapes.items():
+        local = host_batch[key]
+        if key == "images" and local.shape[2:] != spec.shape[2:]:  # a model without a tower gets no pixels
+            local = np.zeros((*local.shape[:2], *spec.shape[2:]), spec.dtype)
+        out[key] = jax.make_array_from_process_local_data(spec.sharding, np.asarray(local, spec.dtype), spec.shape)
+    return out
+
+
+def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
+    """Points the data config at the demo set (config ``demo_data.dir``), writing it on first use."""
+    if not cfg.demo_data.dir:
+        return
+    if jax.process_index() == 0:
+        ensure_demo_dataset(cfg.demo_data.dir, cfg.demo_data.num_records or 512)
+    jax.experimental.multihost_utils.sync_global_devices("demo data written")
+    demo = ensure_demo_dataset(cfg.demo_data.dir, cfg.demo_data.num_records or 512)
+    cfg.data.sources = demo.source_configs()
+    cfg.data.tokenizer = demo.tokenizer_dir
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged metrics and how the run ended."""
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+    _prepare_demo_data(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    p = plan(cfg, mesh, jax.process_count())
+    tokenizer_dir = cfg.data.tokenizer or cfg.init_from
+    tokenizer = load_tokenizer(tokenizer_dir)
+    first_process = jax.process_index() == 0
+    if first_process and not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        copy_tokenizer_files(tokenizer_dir, workdir)
+        checkpoint.write_config(workdir, p.model_cfg, {"source": "training", "init_from": cfg.init_from,
+                                                        "run_config": cfg.to_json()})
+
+    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    full_abstract = _merge_pure(p.abstract_trainable, p.abstract_frozen)
+    restored = ckpt.restore_latest(full_abstract, p.abstract_opt_state)
+    data = make_data_iterator(
+        cfg.data, tokenizer=tokenizer, image_size=p.model_cfg.vision.image_size if p.model_cfg.vision else 0,
+        tokens_per_image=p.model_cfg.tokens_per_image, global_batch_size=cfg.train.global_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if restored is not None:
+        start, full, opt_state, extra = restored
+        trainable, frozen = _split_pure(full, p.owner)
+        data.set_state(extra["data"])
+        log.info("resumed from step %d of %s", start, workdir)
+    else:
+        start = 0
+        trainable, frozen = _initial_params(p, seed=cfg.data.seed)
+        opt_sh = jax.tree.map(lambda a: a.sharding, p.abstract_opt_state)
+        opt_state = jax.jit(p.tx.init, out_shardings=opt_sh)(trainable)
+
+    peak = cfg.train.peak_flops or peak_flops_per_device()
+    writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process)
+    if start == 0:
+        writer.message(f"model FLOPs per step: {p.flops_per_step:.4g}; peak per device: "
+                       f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "
+                       f"mesh {dict(mesh.shape)}; {sum(x.size for x in jax.tree.leaves(trainable)):,} trainable "
+                       f"parameters in groups {sorted(set(p.owner.values()))}")
+    guard = PreemptionGuard()
+    profile = tuple(cfg.train.profile_steps)
+    last, ended, saved_step = {}, "completed", start if restored is not None else None
+    tick = time.perf_counter()
+    try:
+        for step in range(start, cfg.train.steps):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            batch = _global_batch(next(data), p.batch_shapes)
+            trainable, opt_state, metrics = p.step_fn(trainable, frozen, opt_state, jnp.int32(step), batch)
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            seconds, tick = now - tick, now
+            if profile and step == profile[1]:
+                jax.profiler.stop_trace()
+            done = step + 1
+            if not math.isfinite(float(metrics["loss"])):
+                ckpt.wait()
+                kept = f"step {saved_step}" if saved_step is not None else "none yet"
+                raise TrainingError(f"non-finite loss {float(metrics['loss'])} at step {done}; stopped without "
+                                    f"saving it. Last good checkpoint in {workdir}: {kept}. Lower the learning "
+                                    "rate or check the data, then rerun to resume from there.")
+            last = {
+                "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "learning_rate": float(next(v for k, v in metrics.items() if k.startswith("learning_rate/"))),
+                **{k: float(v) for k, v in metrics.items() if k.startswith("learning_rate/")},
+                "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
+                "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
+            }
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                writer.write(done, last)
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
+                ckpt.save(done, _merge_pure(trainable, frozen), opt_state, {"step": done, "data": data.get_state()})
+                saved_step = done
+            if guard.requested:
+                ended = guard.signal_name
+                writer.message(f"{guard.signal_name}: saved step {done} to {workdir}; rerun the same command to resume")
+                break
+    finally:
+        guard.restore()
+        ckpt.close()
+        writer.close()
+        data.close()
+    return {"metrics": last, "ended": ended, "step": saved_step}
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    if args.coordinator_address:
+        if args.num_processes is None or args.process_id is None:
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pods / SLURM: the environment describes the cluster
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path, overrides, rest = parse_command_line(argv)
+        parser = argparse.ArgumentParser(prog="python -m wings_jax.train", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--workdir", help="default: runs/<config name>")
+        parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+        parser.add_argument("--coordinator_address")
+        parser.add_argument("--num_processes", type=int)
+        parser.add_argument("--process_id", type=int)
+        args = parser.parse_args(rest)
+        if path is None:
+            path = DEFAULT_CONFIG
+            if not os.path.exists(path):
+                raise ConfigError(f"no --config given and the demo config {path} is missing; pass --config")
+        cfg = load_config(path, overrides)
+        workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
+        _initialize_distributed(args)
+        result = train(cfg, workdir)
+    except (ConfigError, TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["ended"] != "completed":
+        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result["ended"], 0)
+    print(f"training finished at step {result['step']}; checkpoints in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

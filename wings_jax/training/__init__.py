@@ -1,0 +1,1 @@
+"""Training: optimizer groups, loss, the sharded train step, checkpointing and metrics."""

@@ -1,0 +1,46 @@
+"""Per-step metrics: WORKDIR/metrics.jsonl, TensorBoard event files and a console progress bar."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+from tqdm import tqdm
+
+
+class MetricsWriter:
+    """Writes on the first process only; the others keep silent."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: Mapping[str, float | None]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (None if v is None else float(v)) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in record.items():
+            if name != "step" and value is not None:
+                self._tb.add_scalar(name, value, step)
+        shown = {k: f"{record[k]:.4g}" for k in ("loss", "grad_norm", "tokens_per_s", "mfu") if record.get(k) is not None}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._tb.close()
+            self._jsonl.close()

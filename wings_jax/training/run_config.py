@@ -1,0 +1,126 @@
+"""The schema of a training run config, with defaults, and the checks run before anything compiles.
+
+Config files (``configs/*.py``) start from :func:`base_config` and change what their run needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ml_collections
+
+from wings_jax.config import ConfigError
+from wings_jax.convert import checkpoint
+from wings_jax.data.pipeline import default_data_config
+from wings_jax.model.learners import WingsConfig
+from wings_jax.model.qwen import QwenConfig, Runtime
+from wings_jax.model.siglip import SiglipConfig
+from wings_jax.model.wings import WingsModelConfig
+
+# Parameter groups of the original recipes (spec section 6). Patterns must be disjoint.
+LEARNERS = r"^llm/layers/side/"
+PRETRAIN_GROUPS = {
+    "projector": {"pattern": r"^projector/", "lr": 2e-5},
+    "visual": {"pattern": r"^llm/layers/side/visual/", "lr": 2e-5},
+}
+FINETUNE_GROUPS = {
+    "llm": {"pattern": r"^llm/(?!layers/side/)", "lr": 2e-6},
+    "learners": {"pattern": LEARNERS, "lr": 2e-6},
+    "projector": {"pattern": r"^projector/", "lr": 1e-5},
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.init_from = ""  # converted checkpoint (python -m wings_jax.convert ...) the run starts from
+    c.model = ml_collections.ConfigDict({
+        # Architecture of a model trained from scratch (demo); with init_from it comes from the checkpoint.
+        "llm": ml_collections.ConfigDict(),  # QwenConfig fields
+        "vision": ml_collections.ConfigDict(),  # SiglipConfig fields; empty: no vision tower
+        "projector": "mlp2x_gelu",
+        # Applied on top of init_from's config too (e.g. stage 2 from a stage-1 checkpoint).
+        "wings": ml_collections.ConfigDict({
+            "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": None,
+            "causal_images": False, "mixing": "corrected",
+        }),
+    })
+    c.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime(dtype="bfloat16", remat="full")))
+    c.data = default_data_config()
+    c.demo_data = ml_collections.ConfigDict({"dir": "", "num_records": 0})  # generate the demo set there
+    c.train = ml_collections.ConfigDict({
+        "steps": 1000,
+        "global_batch_size": 64,  # conversations per optimizer step, all hosts together
+        "grad_accum": 1,  # micro-batches per step (each global_batch_size // grad_accum rows)
+        "loss_chunk": 512,  # positions per vocabulary-projection chunk of the loss
+        "log_every": 1,
+        "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0: from the device kind (wings_jax.flops)
+        "profile_steps": (),  # (first, last): write a profiler trace of these steps to WORKDIR/profile
+    })
+    c.optim = ml_collections.ConfigDict({
+        "groups": ml_collections.ConfigDict(FINETUNE_GROUPS),
+        "schedule": "cosine",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+        "clip_norm": 1.0,
+    })
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "rules": ml_collections.ConfigDict()})
+    c.checkpoint = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
+    return c
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
+    """The model to train: the run's own architecture, or init_from's with the run's wings settings."""
+    wings_fields = dict(cfg.model.wings)
+    if wings_fields.get("learner_layers") is not None:
+        wings_fields["learner_layers"] = tuple(wings_fields["learner_layers"])
+    try:
+        if cfg.init_from:
+            if cfg.model.llm or cfg.model.vision:
+                raise ConfigError("model.llm / model.vision describe a new model; with init_from the architecture "
+                                  "comes from the checkpoint, so leave them empty")
+            base, _ = checkpoint.read_config(cfg.init_from)
+            keep = {k: v for k, v in wings_fields.items() if k not in ("lora_rank", "router_max_len", "learner_layers")}
+            changed = [k for k in ("lora_rank", "router_max_len", "learner_layers")
+                       if wings_fields[k] != getattr(base.wings, k) and not (k == "learner_layers" and wings_fields[k] is None)]
+            if changed:
+                raise ConfigError(f"model.wings.{changed[0]} differs from init_from's ({getattr(base.wings, changed[0])!r}); "
+                                  "learner shapes come from the checkpoint")
+            return dataclasses.replace(base, wings=dataclasses.replace(base.wings, **keep))
+        if not cfg.model.llm:
+            raise ConfigError("set init_from (a converted checkpoint) or describe model.llm")
+        vision = SiglipConfig(**cfg.model.vision) if cfg.model.vision else None
+        return WingsModelConfig(llm=QwenConfig(**cfg.model.llm), vision=vision, wings=WingsConfig(**wings_fields),
+                                projector=cfg.model.projector)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model config: {e}") from None
+
+
+def runtime(cfg: ml_collections.ConfigDict) -> Runtime:
+    try:
+        return Runtime(**cfg.runtime)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"runtime config: {e}") from None
+
+
+def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_shards: int, process_count: int) -> None:
+    """Batch sizes and lengths that cannot work are refused with the numbers at fault."""
+    t = cfg.train
+    b, accum = t.global_batch_size, t.grad_accum
+    if b <= 0 or accum <= 0 or t.steps <= 0:
+        raise ConfigError("train.global_batch_size, train.grad_accum and train.steps must be positive")
+    if b % process_count:
+        raise ConfigError(f"train.global_batch_size={b} is not divisible by the {process_count} processes")
+    if b % (batch_shards * accum):
+        raise ConfigError(
+            f"train.global_batch_size={b} must be a multiple of (data x fsdp = {batch_shards}) x "
+            f"(train.grad_accum = {accum}) = {batch_shards * accum}: each micro-batch is split over the batch axes")
+    max_len = cfg.data.max_len
+    wings = model.wings
+    if wings.uses_router and max_len > wings.router_max_len:
+        raise ConfigError(f"data.max_len={max_len} exceeds the router's {wings.router_max_len} positions "
+                          "(model.wings.router_max_len)")
+    if max_len % min(t.loss_chunk, max_len):
+        raise ConfigError(f"data.max_len={max_len} is not a multiple of train.loss_chunk={t.loss_chunk}")
+    if t.profile_steps and (len(t.profile_steps) != 2 or t.profile_steps[0] > t.profile_steps[1]):
+        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last)")
