@@ -16,6 +16,7 @@ teacher-forced) and an independent oracle for the cached path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -53,6 +54,10 @@ class Sampling:
             raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    def values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The settings as arrays: jitted steps take them as data, so new settings never recompile."""
+        return np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,27 +154,33 @@ def check_length(cfg: WingsModelConfig, length: int, what: str) -> None:
 # sampling
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens (B,) from last-position logits (B, V)."""
+def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Array:
+    """Next tokens (B,) from last-position logits (B, V): greedy, or top-k then top-p, then a draw.
+
+    ``settings`` is ``Sampling.values()`` (traced inside the jitted steps).
+    """
     logits = logits.astype(jnp.float32)
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p (always the first).
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    temperature, top_k, top_p = settings
+
+    def draw():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        vocab = scaled.shape[-1]
+        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+        rank = jnp.arange(vocab)[None]
+        in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        # top-p over what top-k keeps: the most likely tokens until their mass reaches top_p (at least one)
+        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        return jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
+
+    return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
-# the decoder
+# jitted steps: module level with the graph definition static, so models of one architecture share
+# every compiled function (across Decoder instances, generation and repeated CLI calls)
 
 
 def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -177,44 +188,46 @@ def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
     return logits[jnp.arange(logits.shape[0]), lengths - 1]
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
+def _prefill(graphdef, state, batch, lengths, key, settings, max_length):
+    logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
+    return sample_tokens(_last(logits, lengths), key, settings), cache
+
+
+# The old cache is dead after a step: donating it lets XLA update it in place.
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend(graphdef, state, cache, tokens, positions, key, settings):
+    logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
+    return sample_tokens(logits[:, 0], key, settings), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _recompute(graphdef, state, batch, lengths, key, settings):
+    return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, settings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward(graphdef, state, batch):
+    return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
+
+
 class Decoder:
-    """Jitted prefill / extend / recompute steps of one model, compiled once per shape and reused."""
+    """Generation and teacher-forced logits for one model."""
 
     def __init__(self, model: WingsModel):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
-        graphdef = self.graphdef
-
-        def prefill(state, batch, lengths, key, max_length, sampling):
-            logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
-            return sample_tokens(_last(logits, lengths), key, sampling), cache
-
-        def extend(state, cache, tokens, positions, key, sampling):
-            logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
-            return sample_tokens(logits[:, 0], key, sampling), cache
-
-        def recompute(state, batch, lengths, key, sampling):
-            return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, sampling)
-
-        def forward(state, batch):
-            return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
-
-        self._prefill = jax.jit(prefill, static_argnames=("max_length", "sampling"))
-        # The old cache is dead after a step: let XLA update it in place where the backend can.
-        self._extend = jax.jit(extend, static_argnames=("sampling",),
-                               donate_argnames=("cache",) if jax.default_backend() != "cpu" else ())
-        self._recompute = jax.jit(recompute, static_argnames=("sampling",))
-        self._forward = jax.jit(forward)
 
     @property
     def must_recompute(self) -> bool:
         return self.cfg.wings.mixing == "reference"
 
-    def logits(self, prompt: Prompt) -> np.ndarray:
-        """float32 logits (n, vocab) of the teacher-forced forward of one prompt."""
-        n = len(prompt.tokens)
-        check_length(self.cfg, n, "the prompt")
-        return np.asarray(self._forward(self.state, pad_prompts([prompt], n)))[0]
+    def logits(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
+        """float32 logits (n, vocab) of each prompt's teacher-forced forward (one padded batch)."""
+        lengths = [len(p.tokens) for p in prompts]
+        check_length(self.cfg, max(lengths), "the prompt")
+        out = np.asarray(_forward(self.graphdef, self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
+        return [row[:n] for row, n in zip(out, lengths)]
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None) -> list[Generation]:
@@ -235,27 +248,27 @@ class Decoder:
         elif not recompute and self.must_recompute:
             raise GenerationError("mixing='reference' models decode only by recomputation (recompute=True)")
         steps = (self._recompute_steps if recompute else self._cached_steps)(
-            prompts, lengths, max_new_tokens, sampling, jax.random.key(seed))
+            prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed))
         return _collect(steps, len(prompts), max_new_tokens, set(stop_ids))
 
-    def _cached_steps(self, prompts, lengths, max_new_tokens, sampling, key) -> Iterator[np.ndarray]:
+    def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
         max_length = batch["tokens"].shape[1] + max_new_tokens
-        tokens, cache = self._prefill(self.state, batch, lengths, jax.random.fold_in(key, 0),
-                                      max_length=max_length, sampling=sampling)
+        tokens, cache = _prefill(self.graphdef, self.state, batch, lengths, jax.random.fold_in(key, 0), settings,
+                                 max_length=max_length)
         for step in range(1, max_new_tokens + 1):
             yield np.asarray(tokens)
             # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample the next.
-            tokens, cache = self._extend(self.state, cache, tokens, jnp.asarray(lengths + step - 1),
-                                         jax.random.fold_in(key, step), sampling=sampling)
+            tokens, cache = _extend(self.graphdef, self.state, cache, tokens, jnp.asarray(lengths + step - 1),
+                                    jax.random.fold_in(key, step), settings)
 
-    def _recompute_steps(self, prompts, lengths, max_new_tokens, sampling, key) -> Iterator[np.ndarray]:
+    def _recompute_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         # One buffer for the whole call: every step is the same shape (finished rows keep growing too).
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
         rows, lengths = np.arange(len(prompts)), lengths.copy()
         for step in range(max_new_tokens):
-            tokens = np.asarray(self._recompute(self.state, batch, lengths, jax.random.fold_in(key, step),
-                                                sampling=sampling))
+            tokens = np.asarray(_recompute(self.graphdef, self.state, batch, lengths, jax.random.fold_in(key, step),
+                                           settings))
             yield tokens
             batch["tokens"][rows, lengths] = tokens
             batch["positions"][rows, lengths] = lengths

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import string
@@ -128,16 +129,14 @@ def _answer_index(answer: Any, keys: list[str], options: tuple[str, ...], where:
 # scoring
 
 
-def _score_fn(graphdef: nnx.GraphDef):
-    def score(state, batch, scored):
-        """Sum over positions t with ``scored[t]`` of log p(tokens[t] | tokens[:t])."""
-        logits = nnx.merge(graphdef, state)(batch)[:, :-1].astype(jnp.float32)
-        targets = jnp.maximum(batch["tokens"][:, 1:], 0)  # image slots (negative ids) are never scored
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        logp = picked - jax.nn.logsumexp(logits, axis=-1)
-        return jnp.sum(jnp.where(scored[:, 1:], logp, 0.0), axis=-1)
-
-    return jax.jit(score)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _option_scores(graphdef, state, batch, scored):
+    """Per row, the sum over positions t with ``scored[t]`` of log p(tokens[t] | tokens[:t])."""
+    logits = nnx.merge(graphdef, state)(batch)[:, :-1].astype(jnp.float32)
+    targets = jnp.maximum(batch["tokens"][:, 1:], 0)  # image slots (negative ids) are never scored
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(jnp.where(scored[:, 1:], logp, 0.0), axis=-1)
 
 
 def _rows(model: WingsModel, tokenizer, questions: Sequence[Question]) -> Iterator[tuple[Prompt, int]]:
@@ -170,7 +169,6 @@ def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], b
     if with_image is not None and model.cfg.vision is None:
         raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
     graphdef, state = nnx.split(model)
-    score = _score_fn(graphdef)
     empty = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
                    np.zeros(0, bool))  # fills the last batch: all padding, scores nothing
     scores: list[float] = []
@@ -182,7 +180,7 @@ def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], b
         scored = np.zeros(batch["tokens"].shape, bool)
         for i, (row, m) in enumerate(pending):
             scored[i, len(row.tokens) - m:len(row.tokens)] = True
-        scores.extend(np.asarray(score(state, batch, scored))[:len(pending)].tolist())
+        scores.extend(np.asarray(_option_scores(graphdef, state, batch, scored))[:len(pending)].tolist())
         bar.update(len(pending))
         pending.clear()
 

@@ -79,7 +79,7 @@ class Chat:
         self.turns += [user, Turn("assistant", text)]
         self.images += images
         if self.args.save_logits:
-            np.save(self.args.save_logits, self.decoder.logits(prompt))
+            np.save(self.args.save_logits, self.decoder.logits([prompt])[0])
         return {"prompt_token_ids": prompt.tokens.tolist(), "generated_token_ids": result.token_ids, "text": text,
                 "finish_reason": result.finish_reason}
 

@@ -219,12 +219,15 @@ def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
     cfg.data.tokenizer = demo.tokenizer_dir
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the last logged metrics and how the run ended."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged metrics and how the run ended.
+
+    ``mesh`` defaults to the config's mesh over all devices.
+    """
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # orbax needs absolute paths
     _prepare_demo_data(cfg)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     p = plan(cfg, mesh, jax.process_count())
     tokenizer_dir = cfg.data.tokenizer or cfg.init_from
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -305,18 +308,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {"metrics": last, "ended": ended, "step": saved_step}
 
 
+def _log_to_stderr() -> None:
+    """wings_jax's own log lines on stderr (libraries may have configured the root logger already)."""
+    logger = logging.getLogger("wings_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def _initialize_distributed(args: argparse.Namespace) -> None:
+    if not (args.coordinator_address or args.distributed):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests); no effect elsewhere
     if args.coordinator_address:
         if args.num_processes is None or args.process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.distributed:
+    else:
         jax.distributed.initialize()  # TPU pods / SLURM: the environment describes the cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     try:
         path, overrides, rest = parse_command_line(argv)
         parser = argparse.ArgumentParser(prog="python -m wings_jax.train", description=__doc__,

@@ -11,7 +11,9 @@ import logging
 import signal
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, PARAMS_ITEM
@@ -22,7 +24,8 @@ log = logging.getLogger("wings_jax.train")
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS_DIR, options=options,
+        self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=(PARAMS_ITEM, "opt_state", "extra"))
 
     def save(self, step: int, params: Any, opt_state: Any, extra: dict[str, Any]) -> None:
@@ -42,11 +45,22 @@ class Checkpointer:
                     "extra": ocp.args.JsonRestore(),
                 }))
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back to an older one
-                log.warning("checkpoint step %d cannot be restored (%s: %s); trying an older one",
-                            step, type(e).__name__, str(e).splitlines()[0][:300])
+                aside = self.directory / f"{step}.unrestorable"
+                log.warning("checkpoint step %d cannot be restored (%s: %s); moved to %s, trying an older one",
+                            step, type(e).__name__, str(e).splitlines()[0][:300], aside)
+                self._move_aside(step, aside)
                 continue
             return step, restored[PARAMS_ITEM], restored["opt_state"], restored["extra"]
         return None
+
+    def _move_aside(self, step: int, aside: epath.Path) -> None:
+        """Renames a broken step so that neither resume nor a new save of that step trips over it."""
+        if jax.process_index() == 0:
+            if aside.exists():
+                aside.rmtree()
+            (self.directory / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

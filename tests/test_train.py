@@ -1,0 +1,214 @@
+"""Training: the demo learns, resume is exact, sharding is invisible to the loss, frozen stays frozen."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from wings_jax import sharding
+from wings_jax.config import ConfigError, load_config
+from wings_jax.convert.checkpoint import load_model
+from wings_jax.data.demo import ensure_demo_dataset
+from wings_jax.params import flat_values
+from wings_jax.train import main as train_main
+from wings_jax.train import TrainingError, plan, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("demo_data"))
+    ensure_demo_dataset(directory, num_records=128)
+    return directory
+
+
+def _config(demo_data, *overrides):
+    base = [f"demo_data.dir={demo_data}", "demo_data.num_records=128", "data.max_len=64", "train.loss_chunk=64",
+            "train.log_every=1", "data.shuffle=false"]
+    return load_config(DEMO, base + list(overrides))
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        out.update(_flatten(value, path) if isinstance(value, dict) else {path: value})
+    return out
+
+
+def _single_device_mesh():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def test_demo_loss_falls_and_checkpoint_loads(demo_data, tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = _config(demo_data, "train.steps=60", "checkpoint.every=30")
+    result = train(cfg, workdir, mesh=_single_device_mesh())
+    losses = _losses(workdir)
+    assert result["ended"] == "completed" and result["step"] == 60 and sorted(losses) == list(range(1, 61))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (58, 59, 60)])
+    assert last < 0.35 * first, (first, last)
+    record = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert key in record
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    model, _ = load_model(workdir)  # a training workdir is a checkpoint generation can load
+    trained = flat_values(nnx.state(model, nnx.Param))
+    assert set(trained) == set(flat_values(nnx.state(load_model(workdir)[0], nnx.Param)))
+
+
+def _run_cli(workdir, demo_data, steps, env_extra=None, wait=True):
+    args = [sys.executable, "-m", "wings_jax.train", "--config", DEMO, "--workdir", workdir,
+            f"--config.demo_data.dir={demo_data}", "--config.demo_data.num_records=128", "--config.data.max_len=64",
+            "--config.train.loss_chunk=64", "--config.data.shuffle=false", "--config.train.log_every=1",
+            f"--config.train.steps={steps}", "--config.checkpoint.every=2", "--config.mesh.data=1"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env_extra or {})}
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = process.communicate(timeout=600)
+        return process.returncode, out
+    return process
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
+    straight = str(tmp_path / "straight")
+    code, out = _run_cli(straight, demo_data, 8)
+    assert code == 0, out
+    expected = _losses(straight)
+
+    resumed = str(tmp_path / "resumed")
+    process = _run_cli(resumed, demo_data, 8, wait=False)
+    metrics = os.path.join(resumed, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    stopped = max(_losses(resumed))
+    assert 3 <= stopped < 8 and "SIGTERM: saved step" in out
+    code, out = _run_cli(resumed, demo_data, 8)
+    assert code == 0 and "resumed from step" in out, out
+    got = _losses(resumed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+
+    # A half-written newer step (killed during a save) is skipped for the last complete one.
+    checkpoints = os.path.join(resumed, "checkpoints")
+    shutil.copytree(os.path.join(checkpoints, "8"), os.path.join(checkpoints, "10"))
+    shutil.rmtree(os.path.join(checkpoints, "10", "opt_state"))
+    for root, _, files in os.walk(os.path.join(checkpoints, "10", "params")):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()
+    code, out = _run_cli(resumed, demo_data, 10)
+    assert code == 0 and "checkpoint step 10 cannot be restored" in out and "resumed from step 8" in out, out
+    assert sorted(_losses(resumed)) == list(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(demo_data, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("one"))
+    result = train(_config(demo_data, "train.steps=3", "checkpoint.every=100"), workdir, mesh=_single_device_mesh())
+    assert result["step"] == 3
+    return _losses(workdir)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_training_matches_single_device(demo_data, tmp_path, shape, single_device_losses):
+    mesh = sharding.make_mesh(*shape)
+    cfg = _config(demo_data, "train.steps=3", "checkpoint.every=100")
+    train(cfg, str(tmp_path / "many"), mesh=mesh)
+    losses = _losses(str(tmp_path / "many"))
+    for step in (1, 2, 3):
+        assert abs(losses[step] - single_device_losses[step]) < 1e-4, (shape, step)
+    # parameters are laid out as the rules say
+    p = plan(cfg, mesh)
+    spec = lambda path: p.abstract_trainable["llm"]["layers"]["attn"][path]["kernel"].sharding.spec  # noqa: E731
+    assert spec("q") == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert spec("o") == jax.sharding.PartitionSpec(None, "tensor", None, "fsdp")
+    assert p.abstract_trainable["llm"]["embed"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert p.abstract_frozen["vision"]["layers"]["mlp"]["fc1"]["kernel"].sharding.spec == \
+        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    # ... and so is the trained state the run ends with
+    restored, _ = load_model(str(tmp_path / "many"), shardings_fn=lambda state: sharding.state_shardings(state, mesh))
+    kernel = restored.llm.layers.mlp.gate.kernel.get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert len({s.device for s in kernel.addressable_shards}) == mesh.size
+
+
+def test_frozen_parameters_stay_bit_identical(demo_data, tmp_path):
+    workdir = str(tmp_path / "pretrain")
+    cfg = _config(demo_data, "train.steps=3", "model.wings.stage=pretrain", "checkpoint.every=100")
+    cfg.unlock()
+    cfg.optim.groups = {"projector": {"pattern": r"^projector/", "lr": 1e-2},
+                        "visual": {"pattern": r"^llm/layers/side/visual/", "lr": 1e-2}}
+    cfg.lock()
+    mesh = _single_device_mesh()
+    p = plan(cfg, mesh)
+    before = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(cfg.data.seed)), nnx.Param).to_pure_dict())()
+    train(cfg, workdir, mesh=mesh)
+    after, _ = load_model(workdir)
+    before, after = _flatten(before), flat_values(nnx.state(after, nnx.Param))
+    moved = {path for path in before if not np.array_equal(np.asarray(before[path]), np.asarray(after[path]))}
+    assert moved, "nothing trained"
+    assert all(path.startswith(("projector/", "llm/layers/side/visual/")) for path in moved), sorted(moved)[:5]
+    assert any(path.startswith("projector/") for path in moved)
+    assert any(path.startswith("llm/layers/side/visual/") for path in moved)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path):
+    workdir = str(tmp_path / "nan")
+    cfg = _config(demo_data, "train.steps=40", "checkpoint.every=1", "optim.warmup_ratio=0.0", "optim.clip_norm=0.0")
+    cfg.unlock()
+    cfg.optim.groups = {"all": {"pattern": r"^(llm|projector)/", "lr": 1e12}}
+    cfg.lock()
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+).*Last good checkpoint"):
+        train(cfg, workdir, mesh=_single_device_mesh())
+    losses = _losses(workdir)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps and all(np.isfinite(losses[s]) for s in steps) and max(steps) == max(losses)
+
+
+def test_config_errors_are_clear(demo_data, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'"):
+        load_config(DEMO, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"train.steps.*int.*'many'"):
+        load_config(DEMO, ["train.steps=many"])
+    code = train_main(["--config", DEMO, "--workdir", str(tmp_path / "w"), "--config.mesh.data=3"])
+    assert code == 1 and "mesh (data=3, fsdp=1, tensor=1) needs 3 devices, but 8 are present" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 must be a multiple of .* = 32"):
+        plan(_config(demo_data, "train.grad_accum=4"), sharding.make_mesh(8, 1, 1))
+    cfg = _config(demo_data)
+    cfg.unlock()
+    cfg.optim.groups = {"a": {"pattern": r"^llm/", "lr": 1.0}, "b": {"pattern": r"/side/", "lr": 1.0}}
+    with pytest.raises(ValueError, match=r"more than one optim.groups entry.*llm/layers/side/"):
+        plan(cfg, _single_device_mesh())
+    cfg.optim.groups = {"a": {"pattern": r"^nothing/", "lr": 1.0}}
+    with pytest.raises(ValueError, match=r"optim.groups \['a'\] match no parameter"):
+        plan(cfg, _single_device_mesh())
+
+
+def test_gradient_accumulation_matches_one_big_batch(demo_data, tmp_path):
+    one = train(_config(demo_data, "train.steps=2", "checkpoint.every=100"), str(tmp_path / "a"),
+                mesh=_single_device_mesh())
+    four = train(_config(demo_data, "train.steps=2", "checkpoint.every=100", "train.grad_accum=4"),
+                 str(tmp_path / "b"), mesh=_single_device_mesh())
+    a, b = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))
+    assert one["step"] == four["step"] == 2
+    for step in (1, 2):
+        assert abs(a[step] - b[step]) < 1e-5
