@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from wings_jax.convert.checkpoint import load_model
@@ -72,8 +73,6 @@ class Generation:
 
 def load_for_inference(path: str, dtype: str = "float32") -> tuple[WingsModel, Any]:
     """The model (parameters stored and computed in ``dtype``) and tokenizer of a checkpoint or workdir."""
-    from etils import epath
-
     if not epath.Path(path).exists():
         raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
                               "(python -m wings_jax.convert import-hf ...) or a training workdir")
@@ -89,9 +88,9 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
 
 def with_image_placeholders(text: str, num_images: int) -> str:
     """Puts one ``<image>`` line per image before ``text`` unless the text places them itself (LLaVA style)."""
-    if num_images and IMAGE_PLACEHOLDER not in text:
-        return IMAGE_PLACEHOLDER + "\n" + (IMAGE_PLACEHOLDER + "\n") * (num_images - 1) + text
-    return text
+    if IMAGE_PLACEHOLDER in text:
+        return text
+    return (IMAGE_PLACEHOLDER + "\n") * num_images + text
 
 
 def encode_chat(cfg: WingsModelConfig, tokenizer, turns: Sequence[TurnLike], images: Sequence[ImageSource] = (),
@@ -142,12 +141,13 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
     return batch
 
 
-def check_length(cfg: WingsModelConfig, length: int, what: str) -> None:
-    """Refuses sequences longer than the router can weigh (it has one weight row per position)."""
+def check_length(cfg: WingsModelConfig, length: int, what: str, remedy: str) -> None:
+    """Refuses sequences longer than the router can weigh: it has one weight row per position (stage
+    'pretrain' has no router, hence no limit)."""
     limit = cfg.wings.router_max_len
     if cfg.wings.uses_router and length > limit:
         raise GenerationError(f"{what} needs {length} positions, but the model's router weighs at most "
-                              f"{limit} (wings.router_max_len); shorten the prompt or ask for fewer new tokens")
+                              f"{limit} (wings.router_max_len); {remedy}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +179,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# jitted steps: module level with the graph definition static, so models of one architecture share
-# every compiled function (across Decoder instances, generation and repeated CLI calls)
+# jitted steps
 
 
 def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -188,27 +187,36 @@ def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
     return logits[jnp.arange(logits.shape[0]), lengths - 1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
-def _prefill(graphdef, state, batch, lengths, key, settings, max_length):
-    logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
-    return sample_tokens(_last(logits, lengths), key, settings), cache
+class _Steps(NamedTuple):
+    prefill: Callable
+    extend: Callable
+    recompute: Callable
+    forward: Callable
 
 
-# The old cache is dead after a step: donating it lets XLA update it in place.
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _extend(graphdef, state, cache, tokens, positions, key, settings):
-    logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
-    return sample_tokens(logits[:, 0], key, settings), cache
+@functools.lru_cache(maxsize=8)
+def _steps(graphdef: nnx.GraphDef) -> _Steps:
+    """The jitted functions of one architecture: models that share it (every Decoder, every CLI call in a
+    process) share the compilations, and no step pays for hashing the graph definition."""
 
+    def prefill(state, batch, lengths, key, settings, max_length):
+        logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
+        return sample_tokens(_last(logits, lengths), key, settings), cache
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _recompute(graphdef, state, batch, lengths, key, settings):
-    return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, settings)
+    def extend(state, cache, tokens, positions, key, settings):
+        logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
+        return sample_tokens(logits[:, 0], key, settings), cache
 
+    def recompute(state, batch, lengths, key, settings):
+        return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, settings)
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _forward(graphdef, state, batch):
-    return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
+
+    return _Steps(prefill=jax.jit(prefill, static_argnames=("max_length",)),
+                  # the old cache is dead after a step: donating it lets XLA update it in place
+                  extend=jax.jit(extend, donate_argnames=("cache",)),
+                  recompute=jax.jit(recompute), forward=jax.jit(forward))
 
 
 class Decoder:
@@ -216,7 +224,8 @@ class Decoder:
 
     def __init__(self, model: WingsModel):
         self.cfg = model.cfg
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, self.state = nnx.split(model)
+        self._steps = _steps(graphdef)
 
     @property
     def must_recompute(self) -> bool:
@@ -225,8 +234,8 @@ class Decoder:
     def logits(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
         """float32 logits (n, vocab) of each prompt's teacher-forced forward (one padded batch)."""
         lengths = [len(p.tokens) for p in prompts]
-        check_length(self.cfg, max(lengths), "the prompt")
-        out = np.asarray(_forward(self.graphdef, self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
+        check_length(self.cfg, max(lengths), "the prompt", "shorten it")
+        out = np.asarray(self._steps.forward(self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
         return [row[:n] for row, n in zip(out, lengths)]
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -242,33 +251,35 @@ class Decoder:
         lengths = np.asarray([len(p.tokens) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
-        check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens")
+        check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens",
+                     "shorten the prompt or ask for fewer new tokens")
         if recompute is None:
             recompute = self.must_recompute
         elif not recompute and self.must_recompute:
             raise GenerationError("mixing='reference' models decode only by recomputation (recompute=True)")
         steps = (self._recompute_steps if recompute else self._cached_steps)(
             prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed))
-        return _collect(steps, len(prompts), max_new_tokens, set(stop_ids))
+        return _collect(steps, len(prompts), set(stop_ids))
 
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
         max_length = batch["tokens"].shape[1] + max_new_tokens
-        tokens, cache = _prefill(self.graphdef, self.state, batch, lengths, jax.random.fold_in(key, 0), settings,
-                                 max_length=max_length)
-        for step in range(1, max_new_tokens + 1):
-            yield np.asarray(tokens)
+        tokens, cache = self._steps.prefill(self.state, batch, lengths, jax.random.fold_in(key, 0), settings,
+                                            max_length=max_length)
+        yield np.asarray(tokens)
+        for step in range(1, max_new_tokens):
             # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample the next.
-            tokens, cache = _extend(self.graphdef, self.state, cache, tokens, jnp.asarray(lengths + step - 1),
-                                    jax.random.fold_in(key, step), settings)
+            tokens, cache = self._steps.extend(self.state, cache, tokens, jnp.asarray(lengths + step - 1),
+                                               jax.random.fold_in(key, step), settings)
+            yield np.asarray(tokens)
 
     def _recompute_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         # One buffer for the whole call: every step is the same shape (finished rows keep growing too).
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
         rows, lengths = np.arange(len(prompts)), lengths.copy()
         for step in range(max_new_tokens):
-            tokens = np.asarray(_recompute(self.graphdef, self.state, batch, lengths, jax.random.fold_in(key, step),
-                                           settings))
+            tokens = np.asarray(self._steps.recompute(self.state, batch, lengths, jax.random.fold_in(key, step),
+                                                      settings))
             yield tokens
             batch["tokens"][rows, lengths] = tokens
             batch["positions"][rows, lengths] = lengths
@@ -277,11 +288,11 @@ class Decoder:
             lengths += 1
 
 
-def _collect(steps: Iterator[np.ndarray], batch: int, max_new_tokens: int, stop_ids: set[int]) -> list[Generation]:
-    """Per-row tokens until a stop token or max_new_tokens; stops pulling steps when every row is done."""
+def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> list[Generation]:
+    """Per-row tokens until a stop token or the last step; stops pulling steps when every row is done."""
     out: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
-    for step, tokens in enumerate(steps):
+    for tokens in steps:
         for row, token in enumerate(tokens.tolist()):
             if reasons[row] is not None:
                 continue
@@ -289,7 +300,7 @@ def _collect(steps: Iterator[np.ndarray], batch: int, max_new_tokens: int, stop_
                 reasons[row] = "stop"
             else:
                 out[row].append(token)
-        if all(r is not None for r in reasons) or step + 1 == max_new_tokens:
+        if all(r is not None for r in reasons):
             break
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
 

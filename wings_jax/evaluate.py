@@ -115,7 +115,8 @@ def _answer_index(answer: Any, keys: list[str], options: tuple[str, ...], where:
     if isinstance(answer, int) and not isinstance(answer, bool) and lettered and 0 <= answer < len(options):
         return answer
     if isinstance(answer, str):
-        matches = {i for i, k in enumerate(keys) if k == answer.strip()} | {i for i, t in enumerate(options) if t == answer}
+        matches = {i for i, k in enumerate(keys) if k == answer.strip()}
+        matches |= {i for i, t in enumerate(options) if t == answer}
         if len(matches) > 1:
             raise BadRecordError(f"{where}: answer {answer!r} names a key of one option and the text of another; "
                                  "give the key", kind="bad_answer")
@@ -152,7 +153,7 @@ def _rows(model: WingsModel, tokenizer, questions: Sequence[Question]) -> Iterat
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
             try:
-                check_length(model.cfg, n, "the question with this option")
+                check_length(model.cfg, n, "the question with this option", "shorten the record")
             except GenerationError as e:
                 raise BadRecordError(f"{q.where}: {e}") from None
             yield prompt._replace(tokens=np.concatenate([prompt.tokens, ids]),
@@ -169,31 +170,41 @@ def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], b
     if with_image is not None and model.cfg.vision is None:
         raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
     graphdef, state = nnx.split(model)
-    empty = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
-                   np.zeros(0, bool))  # fills the last batch: all padding, scores nothing
     scores: list[float] = []
-    pending: list[tuple[Prompt, int]] = []
-
-    def flush():
-        rows = [r for r, _ in pending] + [empty] * (batch_size - len(pending))
-        batch = pad_prompts(rows, bucket_length(max(len(r.tokens) for r in rows)))
-        scored = np.zeros(batch["tokens"].shape, bool)
-        for i, (row, m) in enumerate(pending):
-            scored[i, len(row.tokens) - m:len(row.tokens)] = True
-        scores.extend(np.asarray(_option_scores(graphdef, state, batch, scored))[:len(pending)].tolist())
-        bar.update(len(pending))
-        pending.clear()
-
-    total = sum(len(q.options) for q in questions)
-    with tqdm(total=total, desc="options", unit="opt", disable=not progress, file=sys.stderr) as bar:
-        for row in _rows(model, tokenizer, questions):
-            pending.append(row)
-            if len(pending) == batch_size:
-                flush()
-        if pending:
-            flush()
+    with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
+              file=sys.stderr) as bar:
+        for chunk in _chunks(_rows(model, tokenizer, questions), batch_size):
+            batch, scored = _score_batch(chunk, batch_size)
+            scores.extend(np.asarray(_option_scores(graphdef, state, batch, scored))[:len(chunk)].tolist())
+            bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])
     return [np.asarray(scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# Fills the last batch up to the fixed batch size: all padding, scores nothing.
+_EMPTY_ROW = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
+                    np.zeros(0, bool))
+
+
+def _score_batch(rows: list[tuple[Prompt, int]], batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The padded batch (bucketed length, fixed size) and the mask of option tokens to score."""
+    prompts = [p for p, _ in rows] + [_EMPTY_ROW] * (batch_size - len(rows))
+    batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
+    scored = np.zeros(batch["tokens"].shape, bool)
+    for i, (prompt, num_option_tokens) in enumerate(rows):
+        scored[i, len(prompt.tokens) - num_option_tokens:len(prompt.tokens)] = True
+    return batch, scored
 
 
 def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray]) -> dict:
@@ -221,7 +232,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="converted checkpoint or training workdir (holds the tokenizer)")
     p.add_argument("--data", required=True, help="JSON-lines file of multiple-choice questions")
-    p.add_argument("--batch-size", type=int, default=8, help="(question, option) rows per forward")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="(question, option) rows per forward (memory: batch x length x vocab float32 logits)")
     p.add_argument("--output", help="also write the results here (JSON)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return p

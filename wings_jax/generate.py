@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="converted checkpoint or training workdir (holds the tokenizer)")
     p.add_argument("--prompt", help="the user message; without it, chat interactively on stdin")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the (first) message; repeatable")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image for the (first) message; repeatable")
     p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system turn")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -55,9 +57,9 @@ class Chat:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.sampling = Sampling(args.temperature, args.top_k, args.top_p)  # refuse bad settings before loading
         self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
         self.decoder = Decoder(self.model)
-        self.sampling = Sampling(args.temperature, args.top_k, args.top_p)
         self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
         self.turns: list[Turn] = []
         self.images: list[str] = []
@@ -66,6 +68,9 @@ class Chat:
         if paths and self.model.cfg.vision is None:
             raise GenerationError(f"checkpoint {self.args.ckpt!r} has no vision tower; it cannot take images "
                                   f"({', '.join(paths)})")
+        for path in paths:
+            if not epath.Path(path).is_file():
+                raise GenerationError(f"image file {path!r} does not exist")
 
     def answer(self, message: str, images: Sequence[str]) -> dict:
         """Generates the reply to ``message``; the conversation only grows when that succeeds."""

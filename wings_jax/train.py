@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -19,11 +20,11 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from wings_jax import sharding
 from wings_jax.config import ConfigError, load_config, parse_command_line
@@ -207,13 +208,25 @@ def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.Shape
     return out
 
 
+def _all_processes(state: dict) -> list[dict]:
+    """Every process's data-iterator state (each host reads its own shard), gathered to all of them."""
+    if jax.process_count() == 1:
+        return [state]
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(blob.size))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: blob.size] = blob
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
+
+
 def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
     """Points the data config at the demo set (config ``demo_data.dir``), writing it on first use."""
     if not cfg.demo_data.dir:
         return
     if jax.process_index() == 0:
         ensure_demo_dataset(cfg.demo_data.dir, cfg.demo_data.num_records or 512)
-    jax.experimental.multihost_utils.sync_global_devices("demo data written")
+    multihost_utils.sync_global_devices("demo data written")
     demo = ensure_demo_dataset(cfg.demo_data.dir, cfg.demo_data.num_records or 512)
     cfg.data.sources = demo.source_configs()
     cfg.data.tokenizer = demo.tokenizer_dir
@@ -247,7 +260,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     if restored is not None:
         start, full, opt_state, extra = restored
         trainable, frozen = _split_pure(full, p.owner)
-        data.set_state(extra["data"])
+        if len(extra["data"]) != jax.process_count():
+            raise TrainingError(f"the checkpoint at step {start} in {workdir} was written by {len(extra['data'])} "
+                                f"processes; resume it with the same number (now {jax.process_count()})")
+        data.set_state(extra["data"][jax.process_index()])
         log.info("resumed from step %d of %s", start, workdir)
     else:
         start = 0
@@ -294,7 +310,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
-                ckpt.save(done, _merge_pure(trainable, frozen), opt_state, {"step": done, "data": data.get_state()})
+                ckpt.save(done, _merge_pure(trainable, frozen), opt_state,
+                          {"step": done, "data": _all_processes(data.get_state())})
                 saved_step = done
             if guard.requested:
                 ended = guard.signal_name

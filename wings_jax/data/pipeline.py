@@ -2,19 +2,22 @@
 
 Stages, per host::
 
-    each source: records[process_index::process_count] -> shuffle(seed, per epoch) -> repeat(num_epochs)
+    each source: all records -> shuffle(seed, per epoch) -> repeat(num_epochs)      identical on every host
     mix(sources, weights)                                 grain MapDataset.mix, deterministic
+    this host's rows: of every run of global_batch_size examples, the process_index-th slice
     encode: parse, ChatML tokens, truncation, image decode + pad + resize (uint8)   (worker processes)
     bad-record policy ('error' | 'skip', max_bad_fraction)                            (main process)
     one conversation per row (right padding), or first-fit packing of several     (main process)
     batch of global_batch_size // process_count rows, images normalised to float32
 
-Everything is a deterministic function of the seed, so batches do not depend on worker_count, and the
-iterator's state (`DataIterator.get_state`, a JSON-serialisable dict) restores the exact next batch.
-With several sources and a finite num_epochs, each source repeats num_epochs times and the mixture ends
-when the first of them runs out (use num_epochs=None for training by steps). Each host reads
-len(source) // process_count records of every source, so all hosts see equally many; the remainder
-(fewer than process_count records) is not read.
+Every host walks the same global stream and reads only its own rows of each global batch, so
+without packing the global batch (the hosts' rows side by side) does not depend on the number of
+hosts: two processes train on exactly what one would. Everything is a deterministic function of the
+seed, so batches do not depend on worker_count either, and the iterator's state
+(`DataIterator.get_state`, a JSON-serialisable dict) restores the exact next batch. With several
+sources and a finite num_epochs, each source repeats num_epochs times and the mixture ends when the
+first of them runs out (use num_epochs=None for training by steps); a last incomplete global batch
+is dropped.
 """
 from __future__ import annotations
 
@@ -191,6 +194,31 @@ class _BadRecordPolicyIterator(grain.DatasetIterator):
 # ------------------------------------------------------------------------------------------- the iterator
 
 
+class HostRows(grain.MapDataset):
+    """Of every ``rows * process_count`` consecutive elements (one global batch), keeps this host's
+    ``rows``: the same global stream on every host, each reading only its own slice of it."""
+
+    def __init__(self, parent: grain.MapDataset, rows: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, process_index, process_count
+        self._length = len(parent) // (rows * process_count) * rows  # whole global batches only
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._rows)
+        return (batch * self._count + self._index) * self._rows + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"HostRows(rows={self._rows}, process={self._index}/{self._count})"
+
+
 class DataIterator(Iterator[dict]):
     """Iterator of batch dicts (numpy) with `get_state` / `set_state` for checkpointing.
 
@@ -243,16 +271,15 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer, image_size: in
     datasets, weights = [], []
     for i, src_cfg in enumerate(cfg["sources"]):
         source = open_source(src_cfg)
-        per_host = len(source) // process_count
-        if per_host == 0:
-            raise DataError(f"data source {src_cfg['path']!r} has {len(source)} records, fewer than the "
-                            f"{process_count} hosts reading it")
-        ds = grain.MapDataset.source(source)[process_index:per_host * process_count:process_count]
+        if len(source) == 0:
+            raise DataError(f"data source {src_cfg['path']!r} has no records")
+        ds = grain.MapDataset.source(source)
         if cfg["shuffle"]:
             ds = ds.shuffle(seed=_seed(cfg["seed"], "shuffle", i))
         datasets.append(ds.repeat(cfg["num_epochs"]))
         weights.append(float(src_cfg["weight"]))
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    ds = HostRows(ds, rows, process_index, process_count)
 
     formatter = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image, system_prompt=cfg["system_prompt"])
     ds = ds.map(Encoder(formatter, image_size=image_size, image_aspect=cfg["image_aspect"],

@@ -1,0 +1,267 @@
+"""Generation: cached decoding equals recomputation, batching, sampling, the router limit, and the CLI
+(parity with transformers' greedy generate and logits, images, interactive chat, errors)."""
+import dataclasses
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+
+from hf_fixtures import make_qwen
+from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_model
+from wings_jax.convert.__main__ import main as convert_main
+from wings_jax.convert.checkpoint import save_model
+from wings_jax.data.assemble import Prompt
+from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
+from wings_jax.decoding import Decoder, GenerationError, Sampling, sample_tokens
+from wings_jax.generate import main as generate_main
+from wings_jax.model.learners import WingsConfig
+from wings_jax.model.qwen import Runtime
+from wings_jax.model.wings import WingsModel, WingsModelConfig
+
+TOKENIZER_VOCAB = 512
+SIZE, TOKENS = TINY_VISION.image_size, (TINY_VISION.image_size // TINY_VISION.patch_size) ** 2
+
+
+def make_prompt(length, num_images=0, seed=0, vocab=TINY_LLM.vocab_size):
+    """A random prompt: 3 'system' tokens, then text with each image's slots after 2 more tokens."""
+    rng = np.random.RandomState(seed)
+    tokens = list(rng.randint(0, vocab, length))
+    for k in range(num_images):
+        at = 5 + k * (TOKENS + 2)
+        tokens[at:at] = [IMAGE_TOKEN_ID] * TOKENS
+    tokens = np.asarray(tokens, np.int32)
+    text_mask = tokens != IMAGE_TOKEN_ID
+    text_mask[:3] = False
+    images = rng.uniform(-1, 1, (num_images, SIZE, SIZE, 3)).astype(np.float32)
+    return Prompt(tokens, np.arange(len(tokens), dtype=np.int32), text_mask, images, np.ones(num_images, bool))
+
+
+# Different lengths, text-only rows among image rows. The first four, generated alone, need only two
+# shapes (bucket 16 without images, bucket 24 with one image): every new shape costs a compilation.
+PROMPTS = [make_prompt(6, seed=1), make_prompt(13, 1, seed=2), make_prompt(14, seed=3), make_prompt(16, 1, seed=4),
+           make_prompt(9, 2, seed=5)]
+NEW = 10
+
+
+def teacher_forced_argmax(decoder, prompts, generations):
+    """What greedy decoding must produce: argmax of the full forward over prompt + generated tokens."""
+    full = [p._replace(tokens=np.concatenate([p.tokens, np.asarray(g.token_ids[:-1], np.int32)]),
+                       positions=np.arange(len(p.tokens) + len(g.token_ids) - 1, dtype=np.int32),
+                       text_mask=np.concatenate([p.text_mask, np.ones(len(g.token_ids) - 1, bool)]))
+            for p, g in zip(prompts, generations)]
+    return [np.argmax(logits[len(p.tokens) - 1:], axis=-1).tolist()
+            for p, logits in zip(prompts, decoder.logits(full))]
+
+
+def strong_model(stage="finetune", **wings):
+    """A tiny model whose learners move the logits enough to change greedy choices (A as large as B)."""
+    model = tiny_model(stage=stage, seed=3, **wings)
+    for learner in (model.llm.layers.side.visual, model.llm.layers.side.textual):
+        for name in "qkvo":
+            param = getattr(learner, f"{name}_a")
+            param.set_value(param.get_value() * 15)
+    return model
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_cached_greedy_equals_recomputation(stage):
+    decoder = Decoder(strong_model(stage))
+    cached = decoder.generate(PROMPTS, NEW)
+    recomputed = decoder.generate(PROMPTS, NEW, recompute=True)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in recomputed]
+    assert all(len(g.token_ids) == NEW and g.finish_reason == "length" for g in cached)
+    if stage == "finetune":  # and both equal the plain forward's choices (one stage is enough: compile time)
+        assert [g.token_ids for g in cached] == teacher_forced_argmax(decoder, PROMPTS, cached)
+
+
+def test_batched_equals_one_by_one():
+    decoder = Decoder(strong_model())
+    batched = decoder.generate(PROMPTS, NEW)
+    for prompt, together in zip(PROMPTS[:4], batched):
+        assert decoder.generate([prompt], NEW) == [together]
+
+
+def test_learners_change_what_is_generated():
+    """The comparisons above would be vacuous if the learners added nothing."""
+    active = Decoder(strong_model()).generate(PROMPTS, NEW)
+    silent = Decoder(tiny_model(seed=3, randomize_b=False)).generate(PROMPTS, NEW)
+    changed = [a != s for a, s in zip(active, silent)]
+    assert changed[1] and changed[3]  # image rows: the visual learner (with the router's mix)
+    assert changed[0] or changed[2]  # text-only rows: the textual learner
+
+
+def test_stop_tokens_end_each_row_separately():
+    decoder = Decoder(strong_model())
+    free = decoder.generate(PROMPTS, NEW)
+    stop = free[0].token_ids[3]
+    stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
+    assert stopped[0].token_ids == free[0].token_ids[:free[0].token_ids.index(stop)]
+    for f, s in zip(free, stopped):
+        if stop in f.token_ids:
+            assert s.token_ids == f.token_ids[:f.token_ids.index(stop)] and s.finish_reason == "stop"
+        else:
+            assert s == f
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    decoder = Decoder(strong_model())
+    warm = Sampling(temperature=2.0)
+    first = decoder.generate(PROMPTS, NEW, warm, seed=7)
+    assert first == decoder.generate(PROMPTS, NEW, warm, seed=7)
+    assert first != decoder.generate(PROMPTS, NEW, warm, seed=8)
+    greedy = decoder.generate(PROMPTS, NEW)
+    assert first != greedy
+    assert decoder.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_k=1), seed=7) == greedy
+    assert decoder.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_p=1e-6), seed=7) == greedy
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    many = jax.jit(jax.vmap(sample_tokens, in_axes=(None, 0, None)))
+
+    def draws(**kw):
+        return set(np.asarray(many(logits, keys, Sampling(temperature=1.0, **kw).values())).ravel().tolist())
+
+    assert draws() == {0, 1, 2, 3, 4}
+    assert draws(top_k=2) == {1, 3}
+    assert draws(top_p=0.75) == {1, 3, 4}  # 0.4 + 0.3 < 0.75 <= 0.4 + 0.3 + 0.15
+    assert draws(top_k=2, top_p=0.5) == {1}  # top-p over the top-k renormalised: 0.4 / 0.7 >= 0.5
+
+
+def test_router_limit_and_bad_settings_are_refused():
+    decoder = Decoder(tiny_model(seed=3))  # router_max_len 128
+    with pytest.raises(GenerationError, match="router_max_len"):
+        decoder.generate([make_prompt(100)], 40)
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
+        with pytest.raises(GenerationError, match=next(iter(bad))):
+            Sampling(**bad)
+
+
+def test_reference_mixing_decodes_by_recomputation():
+    """The released textual learner sees later text, so each token comes from the sequence so far only."""
+    decoder = Decoder(strong_model(mixing="reference"))
+    prompts = [make_prompt(13, 1, seed=5), make_prompt(10, seed=6)]  # 17 and 10 tokens: one bucket throughout
+    result = decoder.generate(prompts, 4)
+    for k in range(4):
+        so_far = [p._replace(tokens=np.concatenate([p.tokens, np.asarray(g.token_ids[:k], np.int32)]),
+                             positions=np.arange(len(p.tokens) + k, dtype=np.int32),
+                             text_mask=np.concatenate([p.text_mask, np.ones(k, bool)]))
+                  for p, g in zip(prompts, result)]
+        assert [int(np.argmax(logits[-1])) for logits in decoder.logits(so_far)] == [g.token_ids[k] for g in result]
+    with pytest.raises(GenerationError, match="recompute"):
+        decoder.generate(prompts, 4, recompute=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random transformers Qwen2 with the local tokenizer, imported (stage finetune, short router)."""
+    root = tmp_path_factory.mktemp("hf")
+    llm_dir, ckpt = str(root / "qwen"), str(root / "ckpt")
+    hf_model = make_qwen(llm_dir, "qwen2.5", vocab_size=TOKENIZER_VOCAB, seed=1)
+    tokenizer = build_local_qwen_tokenizer(llm_dir, TOKENIZER_VOCAB)
+    assert convert_main(["import-hf", "--llm", llm_dir, "--out", ckpt, "--stage", "finetune",
+                         "--router-max-len", "64"]) == 0
+    return hf_model, tokenizer, ckpt
+
+
+def save_vision_checkpoint(directory, seed=0):
+    """A tiny Wings model with a vision tower and active learners, saved with the local tokenizer."""
+    tokenizer_dir = os.path.join(directory, "tokenizer")
+    build_local_qwen_tokenizer(tokenizer_dir, TOKENIZER_VOCAB)
+    cfg = WingsModelConfig(llm=dataclasses.replace(TINY_LLM, vocab_size=TOKENIZER_VOCAB), vision=TINY_VISION,
+                           wings=WingsConfig(stage="finetune", lora_rank=8, router_max_len=256))
+    model = WingsModel(cfg, Runtime(), rngs=nnx.Rngs(seed))
+    randomize_learner_b(model, seed)
+    ckpt = os.path.join(directory, "ckpt")
+    save_model(ckpt, model, tokenizer_src=tokenizer_dir)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    image = str(root / "picture.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 30, 3), np.uint8)).save(image)
+    return save_vision_checkpoint(str(root)), image
+
+
+def _run(capsys, argv):
+    rc = generate_main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_matches_transformers_generate_and_logits(hf_checkpoint, capsys, tmp_path):
+    hf_model, tokenizer, ckpt = hf_checkpoint
+    question = "What is 3 plus 4?"
+    logits_file = str(tmp_path / "logits.npy")
+    rc, out, err = _run(capsys, ["--ckpt", ckpt, "--prompt", question, "--json", "--max-new-tokens", "20",
+                                 "--ignore-eos", "--save-logits", logits_file])
+    assert rc == 0, err
+    reply = json.loads(out)
+    expected_prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                    add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert reply["prompt_token_ids"] == expected_prompt
+    ids = torch.tensor([expected_prompt])
+    with torch.no_grad():
+        hf_out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                   min_new_tokens=20, eos_token_id=None, pad_token_id=0)
+        hf_logits = hf_model(ids).logits[0].numpy()
+    assert reply["generated_token_ids"] == hf_out[0, len(expected_prompt):].tolist()
+    assert reply["text"] == tokenizer.decode(reply["generated_token_ids"], skip_special_tokens=True)
+    logits = np.load(logits_file)
+    assert logits.dtype == np.float32 and logits.shape == (len(expected_prompt), TOKENIZER_VOCAB)
+    np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
+
+
+def test_cli_errors_name_the_problem(hf_checkpoint, vision_checkpoint, capsys, tmp_path):
+    _, _, ckpt = hf_checkpoint
+    missing = str(tmp_path / "nowhere")
+    rc, _, err = _run(capsys, ["--ckpt", missing, "--prompt", "hi"])
+    assert rc != 0 and missing in err
+    rc, _, err = _run(capsys, ["--ckpt", ckpt, "--prompt", "hi", "--image", vision_checkpoint[1]])
+    assert rc != 0 and "no vision tower" in err and ckpt in err
+    rc, _, err = _run(capsys, ["--ckpt", ckpt, "--prompt", "hi", "--max-new-tokens", "60"])
+    assert rc != 0 and "router_max_len" in err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    for image in (broken, tmp_path / "missing.png"):
+        rc, _, err = _run(capsys, ["--ckpt", vision_checkpoint[0], "--prompt", "hi", "--image", str(image)])
+        assert rc != 0 and str(image) in err
+    rc, _, err = _run(capsys, ["--ckpt", ckpt, "--save-logits", str(tmp_path / "x.npy")])
+    assert rc != 0 and "--save-logits needs --prompt" in err
+
+
+def test_cli_image_prompt_and_interactive_chat(vision_checkpoint, capsys, monkeypatch):
+    ckpt, image = vision_checkpoint
+    common = ["--ckpt", ckpt, "--json", "--max-new-tokens", "5", "--ignore-eos"]
+    # 71 prompt tokens, and about 90 at the second turn: one length bucket (65-96), one compilation.
+    question = "Look at the picture and describe the colours and the shapes that you see in one sentence."
+    rc, out, err = _run(capsys, common + ["--prompt", question, "--image", image])
+    assert rc == 0, err
+    single = json.loads(out)
+    assert single["prompt_token_ids"].count(IMAGE_TOKEN_ID) == TOKENS and len(single["generated_token_ids"]) == 5
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {image}\n{question}\nWhy?\n/exit\nignored\n"))
+    rc, out, err = _run(capsys, common)
+    assert rc == 0, err
+    first, second = [json.loads(line) for line in out.splitlines()]
+    assert first == single  # the same conversation so far, so the same prompt and greedy answer
+    # The second prompt re-reads the first exchange (image, question, answer) before the new question.
+    assert second["prompt_token_ids"].count(IMAGE_TOKEN_ID) == TOKENS
+    text = load_tokenizer(ckpt).decode([t for t in second["prompt_token_ids"] if t >= 0])
+    exchange = f"{question}<|im_end|>\n<|im_start|>assistant\n{first['text']}<|im_end|>\n"
+    assert exchange + "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n" in text
