@@ -360,13 +360,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--coordinator_address")
         parser.add_argument("--num_processes", type=int)
         parser.add_argument("--process_id", type=int)
+        parser.add_argument("--compile_only", action="store_true",
+                            help="compile the train step and print its memory and cost, without training")
+        parser.add_argument("--topology", help="with --compile_only: a TPU slice such as v5p-64 or v5e-16, "
+                                               "compiled for on this machine (needs libtpu)")
         args = parser.parse_args(rest)
+        if args.topology and not args.compile_only:
+            raise ConfigError("--topology only makes sense with --compile_only")
         if path is None:
             path = DEFAULT_CONFIG
             if not os.path.exists(path):
                 raise ConfigError(f"no --config given and the demo config {path} is missing; pass --config")
         cfg = load_config(path, overrides)
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
+        if args.compile_only:
+            from wings_jax import aot
+
+            report = aot.compile_only(cfg, topology=args.topology)
+            print(aot.format_report(report))
+            return 0 if report["fits"] else 3
         _initialize_distributed(args)
         result = train(cfg, workdir)
     except (ConfigError, TrainingError, ValueError) as e:

@@ -68,28 +68,35 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
-    """The model to train: the run's own architecture, or init_from's with the run's wings settings."""
+    """The model to train.
+
+    ``model.llm`` / ``model.vision`` describe the architecture (needed to plan or compile a run
+    without its weights at hand); ``init_from`` supplies weights and must agree with them. Without
+    ``model.llm`` the architecture comes from ``init_from``. ``model.wings`` settings that do not
+    change parameter shapes (stage, mixing, causal_images) apply on top of ``init_from``'s config.
+    """
     wings_fields = dict(cfg.model.wings)
     if wings_fields.get("learner_layers") is not None:
         wings_fields["learner_layers"] = tuple(wings_fields["learner_layers"])
     try:
-        if cfg.init_from:
-            if cfg.model.llm or cfg.model.vision:
-                raise ConfigError("model.llm / model.vision describe a new model; with init_from the architecture "
-                                  "comes from the checkpoint, so leave them empty")
-            base, _ = checkpoint.read_config(cfg.init_from)
-            keep = {k: v for k, v in wings_fields.items() if k not in ("lora_rank", "router_max_len", "learner_layers")}
-            changed = [k for k in ("lora_rank", "router_max_len", "learner_layers")
-                       if wings_fields[k] != getattr(base.wings, k) and not (k == "learner_layers" and wings_fields[k] is None)]
-            if changed:
-                raise ConfigError(f"model.wings.{changed[0]} differs from init_from's ({getattr(base.wings, changed[0])!r}); "
-                                  "learner shapes come from the checkpoint")
-            return dataclasses.replace(base, wings=dataclasses.replace(base.wings, **keep))
-        if not cfg.model.llm:
-            raise ConfigError("set init_from (a converted checkpoint) or describe model.llm")
-        vision = SiglipConfig(**cfg.model.vision) if cfg.model.vision else None
-        return WingsModelConfig(llm=QwenConfig(**cfg.model.llm), vision=vision, wings=WingsConfig(**wings_fields),
-                                projector=cfg.model.projector)
+        described = None
+        if cfg.model.llm:
+            vision = SiglipConfig(**cfg.model.vision) if cfg.model.vision else None
+            described = WingsModelConfig(llm=QwenConfig(**cfg.model.llm), vision=vision,
+                                         wings=WingsConfig(**wings_fields), projector=cfg.model.projector)
+        if not cfg.init_from:
+            if described is None:
+                raise ConfigError("set init_from (a converted checkpoint or training workdir) or describe model.llm")
+            return described
+        base, _ = checkpoint.read_config(cfg.init_from)
+        behaviour = {k: wings_fields[k] for k in ("stage", "mixing", "causal_images")}
+        from_checkpoint = dataclasses.replace(base, wings=dataclasses.replace(base.wings, **behaviour))
+        if described is not None and described != from_checkpoint:
+            raise ConfigError(
+                f"the model described by the config differs from init_from {cfg.init_from}:\n"
+                f"  config:     {described}\n  checkpoint: {from_checkpoint}\n"
+                "fix model.* or point init_from at the matching checkpoint")
+        return from_checkpoint
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -115,6 +122,8 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
         raise ConfigError(
             f"train.global_batch_size={b} must be a multiple of (data x fsdp = {batch_shards}) x "
             f"(train.grad_accum = {accum}) = {batch_shards * accum}: each micro-batch is split over the batch axes")
+    if not cfg.data.sources and not cfg.demo_data.dir:
+        raise ConfigError("data.sources is empty; name the training data (see the config file's docstring)")
     max_len = cfg.data.max_len
     wings = model.wings
     if wings.uses_router and max_len > wings.router_max_len:
