@@ -200,8 +200,8 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
     process) share the compilations, and no step pays for hashing the graph definition."""
 
     def prefill(state, batch, lengths, key, settings, max_length):
-        logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length)
-        return sample_tokens(_last(logits, lengths), key, settings), cache
+        logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length, logits_at=lengths - 1)
+        return sample_tokens(logits[:, 0], key, settings), cache
 
     def extend(state, cache, tokens, positions, key, settings):
         logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.layers import make_param, rotary_embedding, zeros_init
-from wings_jax.model.qwen import QwenConfig, Runtime, write_slots
+from wings_jax.model.qwen import CacheView, QwenConfig, Runtime
 from wings_jax.sharding import constrain
 
 STAGES = ("pretrain", "finetune")
@@ -149,35 +149,37 @@ class WingsBlock(nnx.Module):
     def router_values(self, key_positions: jax.Array) -> jax.Array | None:
         return self.router.rows(key_positions) if self.cfg.uses_router else None
 
-    def __call__(self, h, router_in, inputs: SideInputs, cache, learner_on):
+    def __call__(self, h, router_in, inputs: SideInputs, cache: CacheView | None, learner_on):
         if self.all_layers:
             return self._apply(h, router_in, inputs, cache)
         # Layers outside learner_layers skip the learners at run time (one scanned body for all layers).
-        skip = lambda: (h, self._passthrough_cache(cache))  # noqa: E731
-        return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, inputs, cache), skip)
-
-    def _passthrough_cache(self, cache):
         if cache is None:
-            return {}
-        return {name: cache[name] for name in ("image_k", "image_v", "text_k", "text_v") if name in cache}
+            return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, inputs, None), lambda: h)
 
-    def _apply(self, h, router_in, inputs: SideInputs, cache):
-        updates = {}
-        visual = self._visual(h, inputs, cache, updates)
+        def on(arrays):
+            view = CacheView(arrays, cache.layer)
+            return self._apply(h, router_in, inputs, view), view.arrays
+
+        h, cache.arrays = jax.lax.cond(learner_on, on, lambda arrays: (h, arrays), cache.arrays)
+        return h
+
+    def _apply(self, h, router_in, inputs: SideInputs, cache: CacheView | None):
+        visual = self._visual(h, inputs, cache)
         if not self.cfg.uses_router:
-            return h + visual, updates
-        textual = self._textual(h, inputs, cache, updates)
+            return h + visual
+        textual = self._textual(h, inputs, cache)
         weights = self.router(router_in) * inputs.repeats[:, None, :]  # (B, T, 2), float32
         mixed = weights[..., :1].astype(h.dtype) * visual + weights[..., 1:].astype(h.dtype) * textual
-        return h + mixed, updates
+        return h + mixed
 
-    def _visual(self, h, inputs: SideInputs, cache, updates):
-        if inputs.image_feats is None:
-            k, v = cache["image_k"], cache["image_v"]
+    def _visual(self, h, inputs: SideInputs, cache: CacheView | None):
+        if inputs.image_feats is None:  # decoding: the image keys/values were cached at prefill
+            k, v = cache.read("image_k"), cache.read("image_v")
         else:
             k, v = self.visual.keys_values(inputs.image_feats, inputs.image_positions, self.theta)
-        if cache is not None:
-            updates["image_k"], updates["image_v"] = k, v
+            if cache is not None:
+                cache.write_layer("image_k", k)
+                cache.write_layer("image_v", v)
         q = self.visual.queries(h, inputs.positions, self.theta)
         out, _ = attention_lib.attend(
             q, k, v, q_pos=inputs.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
@@ -186,12 +188,11 @@ class WingsBlock(nnx.Module):
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
-    def _textual(self, h, inputs: SideInputs, cache, updates):
+    def _textual(self, h, inputs: SideInputs, cache: CacheView | None):
         k, v = self.textual.keys_values(inputs.text_feats, inputs.positions, self.theta)
         if cache is not None:
-            k = write_slots(cache["text_k"], k, inputs.slots)
-            v = write_slots(cache["text_v"], v, inputs.slots)
-            updates["text_k"], updates["text_v"] = k, v
+            k = cache.write_slots("text_k", k, inputs.slots)
+            v = cache.write_slots("text_v", v, inputs.slots)
         q = self.textual.queries(h, inputs.positions, self.theta)
         out, _ = attention_lib.attend(
             q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=inputs.segments,

@@ -103,6 +103,31 @@ def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.A
     return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
 
 
+class CacheView:
+    """One layer's view of the stacked cache buffers, carried through the layer scan.
+
+    Writes go straight into the stacked (layers, ...) arrays at this layer's index, so a decode step
+    writes only its new slots instead of copying every layer's cache.
+    """
+
+    def __init__(self, arrays: dict[str, jax.Array], layer: jax.Array):
+        self.arrays, self.layer = dict(arrays), layer
+
+    def read(self, name: str) -> jax.Array:
+        return self.arrays[name][self.layer]
+
+    def write_slots(self, name: str, values: jax.Array, slots: jax.Array) -> jax.Array:
+        """Writes values (B, T, ...) at slots (B, T) of this layer; returns the layer's updated buffer."""
+        rows = jnp.arange(values.shape[0])[:, None]
+        buffer = self.arrays[name]
+        self.arrays[name] = buffer.at[self.layer, rows, slots].set(values.astype(buffer.dtype), mode="drop")
+        return self.read(name)
+
+    def write_layer(self, name: str, values: jax.Array) -> None:
+        buffer = self.arrays[name]
+        self.arrays[name] = buffer.at[self.layer].set(values.astype(buffer.dtype))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
@@ -113,22 +138,21 @@ class Attention(nnx.Module):
         self.v = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
         self.o = Linear((n, d), h, ("heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, extra_values):
+    def __call__(self, x, positions, segments, slots, cache: CacheView | None, key_positions, key_segments,
+                 extra_values):
         q = rotary_embedding(self.q(x), positions, self.cfg.rope_theta)
         k = rotary_embedding(self.k(x), positions, self.cfg.rope_theta)
         v = self.v(x)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
-        new_cache = None
         if cache is not None:
-            k = write_slots(cache["k"], k, slots)
-            v = write_slots(cache["v"], v, slots)
-            new_cache = {"k": k, "v": v}
+            k = cache.write_slots("k", k, slots)
+            v = cache.write_slots("v", v, slots)
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=key_positions, q_seg=segments, k_seg=key_segments, causal=True,
             extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
         )
-        return self.o(out), extra, new_cache
+        return self.o(out), extra
 
 
 class MLP(nnx.Module):
@@ -150,8 +174,8 @@ class DecoderLayer(nnx.Module):
     """Pre-norm attention and SwiGLU MLP; an optional side branch acts between the two residuals.
 
     The side branch implements ``router_values(key_positions) -> (B, Tk, C) | None`` (extra value
-    channels of the main attention) and ``__call__(h, router_in, inputs, cache, per_layer)
-    -> (h, cache_updates)``; it finds cache slots in its own ``inputs``.
+    channels of the main attention) and ``__call__(h, router_in, inputs, cache, per_layer) -> h``,
+    writing its own buffers through the :class:`CacheView`; it finds cache slots in its ``inputs``.
     """
 
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
@@ -166,17 +190,14 @@ class DecoderLayer(nnx.Module):
         # Without side inputs the layer is the plain Qwen2 layer (the language model alone).
         use_side = self.side is not None and side_inputs is not None
         extra_values = self.side.router_values(key_positions) if use_side else None
-        attn_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        out, router_in, new_cache = self.attn(
-            self.input_norm(x), positions, segments, slots, attn_cache, key_positions, key_segments, extra_values
+        out, router_in = self.attn(
+            self.input_norm(x), positions, segments, slots, cache, key_positions, key_segments, extra_values
         )
         h = x + out
         if use_side:
-            h, side_cache = self.side(h, router_in, side_inputs, cache, per_layer)
-            if new_cache is not None:
-                new_cache.update(side_cache)
+            h = self.side(h, router_in, side_inputs, cache, per_layer)
         y = h + self.mlp(self.post_norm(h))
-        return constrain(y, ("act_batch", "act_length", "act_embed")), new_cache
+        return constrain(y, ("act_batch", "act_length", "act_embed"))
 
 
 class Qwen2(nnx.Module):
@@ -211,23 +232,28 @@ class Qwen2(nnx.Module):
         = position and they attend to everything the cache holds.
         """
         if cache is None:
-            slots, key_positions, key_segments, layer_caches = None, positions, segments, None
+            slots, key_positions, key_segments, buffers = None, positions, segments, None
         else:
             slots = cache_slots(positions, segments, cache.max_length)
             key_positions = write_slots(cache.positions, positions, slots)
             key_segments = write_slots(cache.segments, segments, slots)
-            layer_caches = cache.layers
+            buffers = cache.layers
 
-        def body(layer, h, xs):
-            layer_cache, flags = xs
-            return layer(h, positions, segments, slots, layer_cache, key_positions, key_segments, side_inputs, flags)
+        def body(layer, carry, xs):
+            h, buffers = carry
+            index, flags = xs
+            view = None if buffers is None else CacheView(buffers, index)
+            h = layer(h, positions, segments, slots, view, key_positions, key_segments, side_inputs, flags)
+            return (h, None if view is None else view.arrays), None
 
-        h, new_layer_caches = run_stacked(
-            self.layers, body, x, (layer_caches, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers
+        # The cache rides in the scan carry (updated in place), not in the per-layer outputs.
+        layer_index = jnp.arange(self.cfg.num_layers)
+        (h, buffers), _ = run_stacked(
+            self.layers, body, (x, buffers), (layer_index, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers
         )
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(layers=new_layer_caches, positions=key_positions, segments=key_segments)
+            new_cache = cache.replace(layers=buffers, positions=key_positions, segments=key_segments)
         return self.final_norm(h), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

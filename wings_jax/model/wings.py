@@ -95,8 +95,13 @@ class WingsModel(nnx.Module):
         """Logits (B, L, vocab) of a teacher-forced batch."""
         return self.llm.logits(self.hidden_states(batch))
 
-    def prefill(self, batch: Batch, max_length: int) -> tuple[jax.Array, DecodeCache]:
-        """Runs the prompt batch and returns its logits and a cache with room for ``max_length`` slots."""
+    def prefill(self, batch: Batch, max_length: int, logits_at: jax.Array | None = None
+                ) -> tuple[jax.Array, DecodeCache]:
+        """Runs the prompt batch; returns logits and a cache with room for ``max_length`` slots.
+
+        ``logits_at`` (B,) picks one position per row (e.g. its last prompt token): logits (B, 1, V)
+        instead of projecting the whole prompt onto the vocabulary.
+        """
         self._require_cacheable()
         num_image_tokens = self._num_image_tokens(batch)
         b = batch["tokens"].shape[0]
@@ -109,7 +114,7 @@ class WingsModel(nnx.Module):
             "image_v": ((b, num_image_tokens, llm.num_heads, d), dtype),
         }
         cache = self.llm.init_cache(b, max_length, side)
-        return self._run_cached(batch, cache)
+        return self._run_cached(batch, cache, logits_at)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """Appends text ``tokens`` (B, T) at ``positions`` and returns their logits and the new cache."""
@@ -133,10 +138,13 @@ class WingsModel(nnx.Module):
             return 1
         return images.shape[1] * self.cfg.tokens_per_image
 
-    def _run_cached(self, batch: Batch, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+    def _run_cached(self, batch: Batch, cache: DecodeCache, logits_at: jax.Array | None = None
+                    ) -> tuple[jax.Array, DecodeCache]:
         x, side = self._inputs(batch, cache)
         hidden, cache = self.llm.decode(x, batch["positions"], batch["segment_ids"], cache=cache,
                                         side_inputs=side, per_layer=jnp.asarray(self.layer_flags))
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
         cache = cache.replace(side={**cache.side, "text_segments": side.text_key_segments,
                                     "image_positions": side.image_positions, "image_mask_pos": side.image_mask_pos,
                                     "image_segments": side.image_segments})
