@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import math
 import os
 import re
@@ -116,12 +117,10 @@ def libtpu_requirement() -> str:
 
 def topology_devices(s: Slice) -> list[jax.Device]:
     """Compile-only devices of the slice, from libtpu (works on a machine without a TPU)."""
-    try:
-        importlib.metadata.version("libtpu")
-    except importlib.metadata.PackageNotFoundError:
+    if not (os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu")):
         raise AotError(f"compiling for {s.name} needs libtpu (the TPU compiler), which is not installed; "
                        f"install the version matching jax {jax.__version__}: pip install '{libtpu_requirement()}' "
-                       f"(or pip install 'jax[tpu]=={jax.__version__}')") from None
+                       f"(or pip install 'jax[tpu]=={jax.__version__}')")
     # Another JAX process on this machine may hold libtpu's lock file (any JAX process that found
     # libtpu installed takes it); compiling needs no exclusive access to a TPU.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -285,10 +284,14 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        # The TPU compiler refuses a program that cannot fit; its message says by how much.
+        # The TPU compiler refuses a program that cannot fit and says how much it needed.
+        needed = _oom_temporaries(str(e))
+        arguments = sum(_shard_bytes(a) for a in jax.tree.leaves(
+            (p.abstract_trainable, p.abstract_frozen, p.abstract_opt_state, p.batch_shapes)))
         report.update(compile_seconds=time.perf_counter() - tick, compiler_error=str(e).strip(),
-                      memory=None, total_bytes=_oom_used_bytes(str(e)), fits=False, compiler_flops=None,
-                      optimal_seconds=None, estimated_step_seconds=None, mfu=None,
+                      memory={"arguments": arguments, "temporaries": needed},
+                      total_bytes=None if needed is None else arguments + needed, fits=False,
+                      compiler_flops=None, optimal_seconds=None, estimated_step_seconds=None, mfu=None,
                       step_time_note="not compiled: out of memory")
         return report
     report["compile_seconds"] = time.perf_counter() - tick
@@ -320,11 +323,14 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
     return report
 
 
-def _oom_used_bytes(message: str) -> int | None:
-    match = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
-    if not match:
-        return None
-    return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024)
+def _oom_temporaries(message: str) -> int | None:
+    """Bytes of temporaries named by the TPU compiler's out-of-memory error, e.g. '... temporaries (36.20G) ...'."""
+    match = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+    return int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1)) if match else None
+
+
+def _shard_bytes(a: jax.ShapeDtypeStruct) -> int:
+    return math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
 
 
 def _representative(p: Any) -> list[dict[str, Any]]:
@@ -339,7 +345,9 @@ def _representative(p: Any) -> list[dict[str, Any]]:
 
 
 def _gib(n: float | None) -> str:
-    return "unknown" if n is None else f"{n / GIB:.2f} GiB"
+    if n is None:
+        return "unknown"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.2f} MiB"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -353,13 +361,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"  lowered in {r['lower_seconds']:.1f} s, compiled in {r['compile_seconds']:.1f} s",
         "memory per chip:",
     ]
-    if r["memory"] is not None:
+    if r["compiler_error"] is None:
         lines += [f"  {key.replace('_', ' '):<16}{_gib(value):>12}" for key, value in r["memory"].items()]
         lines.append(f"  {'total':<16}{_gib(r['total_bytes']):>12}   (arguments + outputs - aliased + temporaries "
                      "+ generated code)")
     else:
-        lines.append(f"  the compiler ran out of memory: used {_gib(r['total_bytes'])}")
-        lines.append("  " + r["compiler_error"].splitlines()[0][:400])
+        lines += [
+            "  the TPU compiler refused the program: " + r["compiler_error"].splitlines()[0][:300],
+            f"  {'arguments':<16}{_gib(r['memory']['arguments']):>12}   (parameters, optimizer state, batch)",
+            f"  {'temporaries':<16}{_gib(r['memory']['temporaries']):>12}   (as the compiler reported)",
+            f"  {'total':<16}{_gib(r['total_bytes']):>12}   (at least)",
+        ]
     hbm = r["hbm_bytes"]
     if hbm is None:
         lines.append("  device memory size unknown: not checked (fits reported as true)")
@@ -392,8 +404,10 @@ def _advice(r: dict[str, Any]) -> list[str]:
     lines = [f"DOES NOT FIT: {over}. To make it fit:"]
     if r["topology"]:
         s = parse_topology(r["topology"])
-        bigger = 2 * s.chips * s.generation.cores_per_chip_in_name
-        lines.append(f"  - more chips, e.g. --topology {s.generation.name}-{bigger}")
+        # Sharded state shrinks with the chip count; activations do not always: a first guess to try.
+        chips = 2 ** math.ceil(math.log2(s.chips * max(2.0, (used or 0) / hbm)))
+        lines.append(f"  - more chips, e.g. --topology {s.generation.name}-{chips * s.generation.cores_per_chip_in_name}"
+                     " with fsdp over them")
     mesh = r["mesh"]
     if mesh["fsdp"] * mesh["tensor"] < r["chips"]:
         lines.append("  - shard parameters and optimizer state over the chips: --config.mesh.fsdp=-1 --config.mesh.data=1")

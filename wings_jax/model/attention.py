@@ -108,7 +108,33 @@ def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_value
     return unchunk(out), (None if extra is None else unchunk(extra))
 
 
+_CUDNN_LENGTH_MULTIPLE = 64
+
+
+def _pad_length(a: jax.Array, multiple: int) -> jax.Array:
+    extra = -a.shape[1] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(a, widths)
+
+
 def _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation):
+    if implementation == "cudnn":
+        # cuDNN's fused kernels take only some sequence lengths (e.g. not 729 image keys): pad queries and
+        # keys to a multiple of 64; padded keys have segment 0 (never seen), padded queries are dropped.
+        tq = q.shape[1]
+        q, q_pos, q_seg = (_pad_length(a, _CUDNN_LENGTH_MULTIPLE) for a in (q, q_pos, q_seg))
+        k, v, k_pos, k_seg = (_pad_length(a, _CUDNN_LENGTH_MULTIPLE) for a in (k, v, k_pos, k_seg))
+        if extra_values is not None:
+            extra_values = _pad_length(extra_values, _CUDNN_LENGTH_MULTIPLE)
+        out, extra = _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation)
+        return out[:, :tq], (None if extra is None else extra[:, :tq])
+    return _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation)
+
+
+def _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation):
     d = q.shape[-1]
     mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)
     seen = jnp.any(mask, axis=-1)
