@@ -5,7 +5,13 @@ import socket
 import subprocess
 import sys
 
+import jax
+
+from jax_env import xla_flags
+from wings_jax import sharding
+from wings_jax.config import load_config
 from wings_jax.data.demo import ensure_demo_dataset
+from wings_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -17,17 +23,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _overrides(demo_data, steps):
+    return [f"demo_data.dir={demo_data}", "demo_data.num_records=128", "data.max_len=64", "train.loss_chunk=64",
+            "data.shuffle=false", "train.log_every=1", f"train.steps={steps}", "checkpoint.every=3", "mesh.data=2",
+            "mesh.fsdp=2"]
+
+
 def _command(workdir, demo_data, steps, extra=()):
     return [sys.executable, "-m", "wings_jax.train", "--config", DEMO, "--workdir", workdir,
-            f"--config.demo_data.dir={demo_data}", "--config.demo_data.num_records=128", "--config.data.max_len=64",
-            "--config.train.loss_chunk=64", "--config.data.shuffle=false", "--config.train.log_every=1",
-            f"--config.train.steps={steps}", "--config.checkpoint.every=3", "--config.mesh.data=2",
-            "--config.mesh.fsdp=2", *extra]
+            *(f"--config.{o}" for o in _overrides(demo_data, steps)), *extra]
 
 
 def _run(commands, devices):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     processes = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for c in commands]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
@@ -45,10 +53,12 @@ def test_two_processes_match_one(tmp_path):
     demo_data = str(tmp_path / "data")
     ensure_demo_dataset(demo_data, num_records=128)
     # Both runs: 3 steps and a checkpoint, then a restart that restores it and goes on (the learning-rate
-    # schedule follows train.steps, so the single-process run takes the same two legs).
+    # schedule follows train.steps, so the single-process run takes the same two legs). The
+    # single-process run is this process, on 4 of its devices.
     single = str(tmp_path / "single")
+    mesh = sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
     for steps in (3, 4):
-        _run([_command(single, demo_data, steps)], devices=4)
+        train(load_config(DEMO, _overrides(demo_data, steps)), single, mesh=mesh)
 
     multi = str(tmp_path / "multi")
     for steps in (3, 4):

@@ -171,11 +171,14 @@ def _operands(line: str, op: str) -> list[str]:
     return [a.strip().lstrip("%") for a in inner.split(",")]
 
 
-def _constant(name: str, defs: dict[str, str]) -> int | None:
-    """The integer value of a scalar constant, looking through copies."""
+def _definition(name: str, defs: dict[str, str]) -> str:
+    """The line defining ``name``, looking through copies."""
     line = defs.get(name, "")
-    if " copy(" in line:
-        return _constant(_operands(line, "copy")[0], defs)
+    return _definition(_operands(line, "copy")[0], defs) if " copy(" in line else line
+
+
+def _constant(name: str, defs: dict[str, str]) -> int | None:
+    line = _definition(name, defs)
     m = _CONST.search(line) if " constant(" in line else None
     return int(m.group(1)) if m else None
 
@@ -187,7 +190,7 @@ def _trip_count(parent: list[str], init: str, cond: list[str], body: list[str]) 
         return None
     cond_defs = _defs(cond)
     counter, limit = _operands(root, "compare")
-    index_match = _GTE.search(cond_defs.get(counter, ""))
+    index_match = _GTE.search(_definition(counter, cond_defs))
     n = _constant(limit, cond_defs)
     if index_match is None or n is None:
         return None
@@ -196,7 +199,7 @@ def _trip_count(parent: list[str], init: str, cond: list[str], body: list[str]) 
     init_line = parent_defs.get(init, "")
     start = _constant(_operands(init_line, "tuple")[index], parent_defs) if " tuple(" in init_line else None
     body_root = next((line for line in body if line.lstrip().startswith("ROOT ")), "")
-    next_line = body_defs.get(_operands(body_root, "tuple")[index], "") if " tuple(" in body_root else ""
+    next_line = _definition(_operands(body_root, "tuple")[index], body_defs) if " tuple(" in body_root else ""
     if start is None or " add(" not in next_line:
         return None
     step = next((c for a in _operands(next_line, "add") if (c := _constant(a, body_defs)) is not None), None)
@@ -306,9 +309,11 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
         + memory["generated_code"]
     cost = compiled.cost_analysis() or {}
     optimal = cost.get("optimal_seconds")
-    scale = loop_scale(compiled.as_text()) if optimal else None
+    scale = loop_scale(compiled.as_text()) if optimal and optimal > 0 else None
     if optimal is None:
         note = f"the {devices[0].platform.upper()} compiler gives no step-time estimate"
+    elif optimal <= 0:
+        note = f"XLA's optimal_seconds is {optimal:.4g}, not a usable estimate"
     elif scale is None:
         note = "XLA's optimal_seconds counts each loop body once and the loops' trip counts could not be read"
     else:

@@ -60,7 +60,7 @@ def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
             # UnidentifiedImageError is an OSError; truncated JPEG/PNG data raises OSError too.
             raise BadImageError(
                 f"cannot decode image {name!r}: {type(e).__name__}: {e}. Replace or remove the file "
-                "(or skip such records with data.bad_record_policy='skip')"
+                "(in training data, data.bad_record_policy='skip' skips such records)"
             ) from e
     return _to_rgb(image, name)
 
@@ -106,8 +106,8 @@ def read_image_file(path: str | os.PathLike, name: str) -> bytes:
         return epath.Path(path).read_bytes()
     except FileNotFoundError as e:
         raise BadImageError(
-            f"image file {name!r} does not exist ({os.fspath(path)}); check data.sources[*].image_root "
-            "and the record's 'image' field",
+            f"image file {name!r} does not exist ({os.fspath(path)}); check the path (in training data: "
+            "data.sources[*].image_root and the record's 'image' field)",
             kind="missing_image",
         ) from e
     except (IsADirectoryError, PermissionError) as e:

@@ -5,7 +5,6 @@ Parameters are stored in ``param_dtype`` and every matmul runs in the compute ``
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -175,7 +174,3 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def gelu_exact(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
-
-
-def round_up(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)

@@ -1,7 +1,7 @@
 """The jitted training step: micro-batched gradient accumulation over the trainable parameters only."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,3 @@ def make_train_step(
         return trainable, opt_state, metrics
 
     return step
-
-
-def shardings_of(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.sharding, tree)
