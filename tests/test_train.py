@@ -220,3 +220,32 @@ def test_gradient_accumulation_matches_one_big_batch(demo_data, tmp_path):
     assert one["step"] == four["step"] == 2
     for step in (1, 2):
         assert abs(a[step] - b[step]) < 1e-5
+
+
+def test_init_from_a_workdir_is_separate_from_resuming(demo_data, tmp_path):
+    """A new run starts from another run's weights (init_from), in its own workdir, at step 0."""
+    first = str(tmp_path / "first")
+    train(_config(demo_data, "train.steps=2", "checkpoint.every=100"), first, mesh=_single_device_mesh())
+    second = str(tmp_path / "second")
+    cfg = _config(demo_data, "train.steps=2", "checkpoint.every=100", "model.wings.stage=pretrain",
+                  "train.profile_steps=(1, 1)")
+    cfg.unlock()
+    cfg.init_from = first
+    cfg.optim.groups = {"visual": {"pattern": r"^llm/layers/side/visual/", "lr": 1e-2}}
+    cfg.lock()
+    result = train(cfg, second, mesh=_single_device_mesh())
+    assert result["step"] == 2 and sorted(_losses(second)) == [1, 2]  # started at 0, not resumed
+    start, _ = load_model(first)
+    end, _ = load_model(second)
+    a, b = flat_values(nnx.state(start, nnx.Param)), flat_values(nnx.state(end, nnx.Param))
+    assert end.cfg.wings.stage == "pretrain"
+    for path in a:  # everything outside the trained group is init_from's, bit for bit
+        if not path.startswith("llm/layers/side/visual/"):
+            np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
+    assert any(files for _, _, files in os.walk(os.path.join(second, "profile")))  # the requested trace
+    # a config that describes another architecture than init_from's is refused
+    wrong = _config(demo_data, "model.llm.num_layers=3")
+    wrong.unlock()
+    wrong.init_from = first
+    with pytest.raises(ConfigError, match="differs from init_from"):
+        plan(wrong, _single_device_mesh())
