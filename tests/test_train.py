@@ -18,7 +18,7 @@ from wings_jax.convert.checkpoint import load_model
 from jax_env import xla_flags
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.generate import main as generate_main
-from wings_jax.params import flat_values
+from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
 from wings_jax.train import TrainingError, plan, train
 
@@ -42,14 +42,6 @@ def _config(demo_data, *overrides):
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        out.update(_flatten(value, path) if isinstance(value, dict) else {path: value})
-    return out
 
 
 def _single_device_mesh():
@@ -171,7 +163,7 @@ def test_frozen_parameters_stay_bit_identical(demo_data, tmp_path):
     before = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(cfg.data.seed)), nnx.Param).to_pure_dict())()
     train(cfg, workdir, mesh=mesh)
     after, _ = load_model(workdir)
-    before, after = _flatten(before), flat_values(nnx.state(after, nnx.Param))
+    before, after = flatten_dict(before), flat_values(nnx.state(after, nnx.Param))
     moved = {path for path in before if not np.array_equal(np.asarray(before[path]), np.asarray(after[path]))}
     assert moved, "nothing trained"
     assert all(path.startswith(("projector/", "llm/layers/side/visual/")) for path in moved), sorted(moved)[:5]

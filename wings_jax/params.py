@@ -25,6 +25,27 @@ def flat_values(state: nnx.State) -> dict[str, Any]:
     return {p: v.get_value() for p, v in flat_variables(state).items()}
 
 
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x} (pure parameter dicts, as ``State.to_pure_dict()`` gives)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        out.update(flatten_dict(value, path) if isinstance(value, Mapping) else {path: value})
+    return out
+
+
+def unflatten_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b': x} -> {'a': {'b': x}} (keys are strings: parameter trees here have no list indices)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
 def abstract_model(make_model: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
     """``make_model`` with shape-only parameters (no memory, no compute)."""
     return nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))

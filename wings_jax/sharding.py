@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from wings_jax.params import flat_variables, unflatten_dict
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of mesh axes, or None for replicated)
@@ -135,17 +137,13 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, check: bool = True) -> dict:
     """NamedShardings for every variable of an ``nnx.State``, as a pure nested dict (the shape of
     ``state.to_pure_dict()``); raises if a dimension does not divide its mesh axes."""
-    out: dict = {}
-    for path, variable in nnx.to_flat_state(state):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
+    out = {}
+    for name, variable in flat_variables(state).items():
         spec = spec_for(logical_axes_of(variable), rules)
         if check:
             check_divisible(np.shape(variable.get_value()), spec, mesh, f"parameter {name}")
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(getattr(key, "key", key), {})
-        node[getattr(path[-1], "key", path[-1])] = NamedSharding(mesh, spec)
-    return out
+        out[name] = NamedSharding(mesh, spec)
+    return unflatten_dict(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
-from wings_jax.params import abstract_model, path_str
+from wings_jax.params import abstract_model, flatten_dict, path_str, unflatten_dict
 from wings_jax.training import run_config
 from wings_jax.training.checkpointing import Checkpointer, PreemptionGuard
 from wings_jax.training.metrics import MetricsWriter
@@ -74,32 +74,15 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _split_pure(full: dict, owner: dict[str, str]) -> tuple[dict, dict]:
-    """Splits a nested params dict into (trainable, frozen) by path."""
-    trainable, frozen = {}, {}
-
-    def walk(node, prefix, a, b):
-        for key, value in node.items():
-            path = f"{prefix}/{key}" if prefix else str(key)
-            if isinstance(value, dict):
-                sub_a, sub_b = {}, {}
-                walk(value, path, sub_a, sub_b)
-                if sub_a:
-                    a[key] = sub_a
-                if sub_b:
-                    b[key] = sub_b
-            else:
-                (a if path in owner else b)[key] = value
-
-    walk(full, "", trainable, frozen)
-    return trainable, frozen
+def split_params(full: dict, owner: dict[str, str]) -> tuple[dict, dict]:
+    """Splits a pure params dict into (trainable, frozen) by path."""
+    flat = flatten_dict(full)
+    return (unflatten_dict({p: v for p, v in flat.items() if p in owner}),
+            unflatten_dict({p: v for p, v in flat.items() if p not in owner}))
 
 
-def _merge_pure(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge_pure(out[key], value) if key in out and isinstance(value, dict) else value
-    return out
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return unflatten_dict({**flatten_dict(trainable), **flatten_dict(frozen)})
 
 
 def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count: int = 1) -> Plan:
@@ -160,17 +143,7 @@ def _opt_state_shardings(opt_shapes: Any, param_shardings: dict, replicated) -> 
 
     A moment leaf ends its key path with its parameter's dict keys (optax mirrors the parameter tree).
     """
-    flat = {}
-
-    def collect(node, prefix):
-        for key, value in node.items():
-            path = f"{prefix}/{key}" if prefix else str(key)
-            if isinstance(value, dict):
-                collect(value, path)
-            else:
-                flat[path] = value
-
-    collect(param_shardings, "")
+    flat = flatten_dict(param_shardings)
 
     def place(path, leaf):
         keys = []
@@ -186,7 +159,7 @@ def _opt_state_shardings(opt_shapes: Any, param_shardings: dict, replicated) -> 
 
 def _initial_params(p: Plan, seed: int) -> tuple[Any, Any]:
     """Parameters of a new run: init_from's weights, or a fresh initialisation."""
-    full_sh = _merge_pure(jax.tree.map(lambda a: a.sharding, p.abstract_trainable),
+    full_sh = merge_params(jax.tree.map(lambda a: a.sharding, p.abstract_trainable),
                           jax.tree.map(lambda a: a.sharding, p.abstract_frozen))
     if p.cfg.init_from:
         _, state = nnx.split(abstract_model(p.make_model))
@@ -194,7 +167,7 @@ def _initial_params(p: Plan, seed: int) -> tuple[Any, Any]:
     else:
         full = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict(),
                        out_shardings=full_sh)()
-    return _split_pure(full, p.owner)
+    return split_params(full, p.owner)
 
 
 def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -251,7 +224,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                                                         "run_config": cfg.to_json()})
 
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    full_abstract = _merge_pure(p.abstract_trainable, p.abstract_frozen)
+    full_abstract = merge_params(p.abstract_trainable, p.abstract_frozen)
     restored = ckpt.restore_latest(full_abstract, p.abstract_opt_state)
     data = make_data_iterator(
         cfg.data, tokenizer=tokenizer, image_size=p.model_cfg.vision.image_size if p.model_cfg.vision else 0,
@@ -259,7 +232,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         process_index=jax.process_index(), process_count=jax.process_count())
     if restored is not None:
         start, full, opt_state, extra = restored
-        trainable, frozen = _split_pure(full, p.owner)
+        trainable, frozen = split_params(full, p.owner)
         if len(extra["data"]) != jax.process_count():
             raise TrainingError(f"the checkpoint at step {start} in {workdir} was written by {len(extra['data'])} "
                                 f"processes; resume it with the same number (now {jax.process_count()})")
@@ -310,7 +283,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
-                ckpt.save(done, _merge_pure(trainable, frozen), opt_state,
+                ckpt.save(done, merge_params(trainable, frozen), opt_state,
                           {"step": done, "data": _all_processes(data.get_state())})
                 saved_step = done
             if guard.requested:
