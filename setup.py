@@ -22,6 +22,7 @@ setup(
         "ml_collections>=1.0",
         "absl-py",
         "safetensors>=0.4",
+        "ml_dtypes",
         "numpy>=1.26",
         "pillow>=10",
         "transformers>=4.45",
@@ -31,7 +32,8 @@ setup(
     ],
     extras_require={
         # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45"],
+        # jax[tpu] brings libtpu, which compiles for TPU topologies on machines without a TPU (--compile_only)
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]"],
     },
     entry_points={
         "console_scripts": [

@@ -7,6 +7,9 @@ init_from is a converted checkpoint or the stage-1 training workdir (its newest 
 start fresh when it has none. Trained: language model, learners and routers (lr 2e-6), projector
 (lr 1e-5); cosine, 3% warmup, AdamW, clip 1.0, global batch 64, 2048 tokens, bf16 compute.
 Text-only data, when given, is mixed 1 part to 3 parts multimodal.
+
+Defaults (docs/scaling.md, compile-only plans): FSDP over all chips, remat full; fits v5p-8 and up.
+v5e-16 needs --config.train.grad_accum=4; from v5p-32 up --config.runtime.remat=dots is ~6% faster.
 """
 import os
 import sys

@@ -8,6 +8,10 @@
 
 Frozen: vision tower and the whole language model. lr 2e-5, cosine, 3% warmup, AdamW, clip 1.0,
 global batch 256, 2048 tokens, bf16 compute (fp32 master weights). One epoch of 558K = 2180 steps.
+
+Defaults (docs/scaling.md, compile-only plans): data parallel, remat full; it fits v5p-32 and up as is.
+Smaller slices: v5p-16 --config.train.grad_accum=2; v5p-8 grad_accum=4; v5e: --config.mesh.data=1
+--config.mesh.fsdp=-1 with grad_accum=8 on v5e-8, 4 on v5e-16.
 """
 import os
 import sys

@@ -197,9 +197,13 @@ def _trip_count(parent: list[str], init: str, cond: list[str], body: list[str]) 
     index = int(index_match.group(1))
     parent_defs, body_defs = _defs(parent), _defs(body)
     init_line = parent_defs.get(init, "")
-    start = _constant(_operands(init_line, "tuple")[index], parent_defs) if " tuple(" in init_line else None
     body_root = next((line for line in body if line.lstrip().startswith("ROOT ")), "")
-    next_line = _definition(_operands(body_root, "tuple")[index], body_defs) if " tuple(" in body_root else ""
+    if " tuple(" not in init_line or " tuple(" not in body_root:
+        return None
+    initial, updated = _operands(init_line, "tuple"), _operands(body_root, "tuple")
+    if index >= min(len(initial), len(updated)):
+        return None
+    start, next_line = _constant(initial[index], parent_defs), _definition(updated[index], body_defs)
     if start is None or " add(" not in next_line:
         return None
     step = next((c for a in _operands(next_line, "add") if (c := _constant(a, body_defs)) is not None), None)

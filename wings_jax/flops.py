@@ -29,6 +29,7 @@ PEAK_FLOPS = (
     ("v5 lite", 197e12),  # TPU v5e reports "TPU v5 lite"
     ("v5e", 197e12),
     ("v4", 275e12),
+    ("tpu v5", 459e12),  # libtpu names v5p "TPU v5"; after the v5e entries, which it would also match
 )
 
 
