@@ -256,11 +256,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     last, ended, saved_step = {}, "completed", start if restored is not None else None
     tick = time.perf_counter()
     try:
+        batch = _global_batch(next(data), p.batch_shapes) if start < cfg.train.steps else None
         for step in range(start, cfg.train.steps):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = _global_batch(next(data), p.batch_shapes)
             trainable, opt_state, metrics = p.step_fn(trainable, frozen, opt_state, jnp.int32(step), batch)
+            resume_state = data.get_state()  # a checkpoint after this step continues from here
+            if step + 1 < cfg.train.steps:  # the next batch is read and sent while the device computes
+                batch = _global_batch(next(data), p.batch_shapes)
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             seconds, tick = now - tick, now
@@ -284,7 +287,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
                 ckpt.save(done, merge_params(trainable, frozen), opt_state,
-                          {"step": done, "data": _all_processes(data.get_state())})
+                          {"step": done, "data": _all_processes(resume_state)})
                 saved_step = done
             if guard.requested:
                 ended = guard.signal_name
