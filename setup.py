@@ -17,7 +17,8 @@ setup(
         "grain>=0.2.10",
         "array_record>=0.7",
         "tensorflow-datasets>=4.9.8",
-        "etils[epath]",
+        "etils[epath,epath-gcs]",  # gs:// workdirs, checkpoints and data
+        "google-cloud-storage",  # TensorBoard event files on gs://
         "einops>=0.8",
         "ml_collections>=1.0",
         "absl-py",

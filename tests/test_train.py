@@ -21,6 +21,7 @@ from wings_jax.generate import main as generate_main
 from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
 from wings_jax.train import TrainingError, plan, train
+from wings_jax.training.checkpointing import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -235,6 +236,11 @@ def test_init_from_a_workdir_is_separate_from_resuming(demo_data, tmp_path):
         if not path.startswith("llm/layers/side/visual/"):
             np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
     assert any(files for _, _, files in os.walk(os.path.join(second, "profile")))  # the requested trace
+    # resuming a workdir under a config that changed the parameters' shapes is refused, not restarted
+    changed = _config(demo_data, "train.steps=3", "model.llm.intermediate_size=96")
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 .* was written for another model"):
+        train(changed, first, mesh=_single_device_mesh())
+    assert sorted(_losses(first)) == [1, 2] and os.path.isdir(os.path.join(first, "checkpoints", "2"))
     # a config that describes another architecture than init_from's is refused
     wrong = _config(demo_data, "model.llm.num_layers=3")
     wrong.unlock()

@@ -48,10 +48,6 @@ class FlopCount:
     training: dict[str, float]
 
     @property
-    def forward_total(self) -> float:
-        return sum(self.forward.values())
-
-    @property
     def training_total(self) -> float:
         return sum(self.training.values())
 

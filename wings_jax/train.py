@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -37,14 +38,13 @@ from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flatten_dict, path_str, unflatten_dict
 from wings_jax.training import run_config
-from wings_jax.training.checkpointing import Checkpointer, PreemptionGuard
+from wings_jax.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
 from wings_jax.training.metrics import MetricsWriter
 from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
 from wings_jax.training.step import make_train_step
 
 log = logging.getLogger("wings_jax.train")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "text_mask", "images", "image_mask")
 
 
 class TrainingError(RuntimeError):
@@ -218,9 +218,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     tokenizer_dir = cfg.data.tokenizer or cfg.init_from
     tokenizer = load_tokenizer(tokenizer_dir)
     first_process = jax.process_index() == 0
-    if first_process and not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    if first_process and not (epath.Path(workdir) / checkpoint.CONFIG_FILE).exists():
         copy_tokenizer_files(tokenizer_dir, workdir)
-        checkpoint.write_config(workdir, p.model_cfg, {"source": "training", "init_from": cfg.init_from,
+        # what init_from knew about its weights (source dtype, layout details) stays true for the run's
+        inherited = checkpoint.read_config(cfg.init_from)[1] if cfg.init_from else {}
+        checkpoint.write_config(workdir, p.model_cfg, {**inherited, "source": "training", "init_from": cfg.init_from,
                                                         "run_config": cfg.to_json()})
 
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -240,7 +242,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         log.info("resumed from step %d of %s", start, workdir)
     else:
         start = 0
-        trainable, frozen = _initial_params(p, seed=cfg.data.seed)
+        trainable, frozen = _initial_params(p, seed=cfg.train.seed)
         opt_sh = jax.tree.map(lambda a: a.sharding, p.abstract_opt_state)
         opt_state = jax.jit(p.tx.init, out_shardings=opt_sh)(trainable)
 
@@ -253,6 +255,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                        f"parameters in groups {sorted(set(p.owner.values()))}")
     guard = PreemptionGuard()
     profile = tuple(cfg.train.profile_steps)
+    tracing = False
     last, ended, saved_step = {}, "completed", start if restored is not None else None
     tick = time.perf_counter()
     try:
@@ -260,6 +263,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         for step in range(start, cfg.train.steps):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                tracing = True
             trainable, opt_state, metrics = p.step_fn(trainable, frozen, opt_state, jnp.int32(step), batch)
             resume_state = data.get_state()  # a checkpoint after this step continues from here
             if step + 1 < cfg.train.steps:  # the next batch is read and sent while the device computes
@@ -267,8 +271,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             seconds, tick = now - tick, now
-            if profile and step == profile[1]:
+            if tracing and step == profile[1]:
                 jax.profiler.stop_trace()
+                tracing = False
             done = step + 1
             if not math.isfinite(float(metrics["loss"])):
                 ckpt.wait()
@@ -294,6 +299,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 writer.message(f"{guard.signal_name}: saved step {done} to {workdir}; rerun the same command to resume")
                 break
     finally:
+        if tracing:  # the run ended inside the traced range: keep what was traced
+            jax.profiler.stop_trace()
         guard.restore()
         ckpt.close()
         writer.close()
@@ -357,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if report["fits"] else 3
         _initialize_distributed(args)
         result = train(cfg, workdir)
-    except (ConfigError, TrainingError, ValueError) as e:
+    except (ConfigError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result["ended"] != "completed":

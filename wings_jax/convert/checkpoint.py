@@ -128,9 +128,6 @@ def load_model(
     def make(rngs):
         return WingsModel(cfg, runtime, rngs=rngs)
 
-    graphdef, state = nnx.split(abstract_model(make))
-    params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
+    graphdef, params = nnx.split(abstract_model(make))  # the model holds parameters only
     restored = restore_params(latest_params_dir(path), params, None if shardings_fn is None else shardings_fn(params))
-    nnx.replace_by_pure_dict(params, restored)
-    model = nnx.merge(graphdef, params)
-    return model, metadata
+    return nnx.merge(graphdef, restored), metadata

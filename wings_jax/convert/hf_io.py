@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Mapping
+from typing import Iterable, Mapping
 
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, so bf16 safetensors read as numpy arrays)
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -113,45 +114,54 @@ class SafetensorsReader:
 
 
 def write_safetensors(
-    directory: str, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
+    directory: str, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
     max_shard_bytes: int = 5 * 2**30,
 ) -> list[str]:
-    """Writes tensors as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``."""
+    """Writes tensors as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``.
+
+    Each shard is written as soon as it is full, so at most one shard's tensors are held at a time.
+    """
     os.makedirs(directory, exist_ok=True)
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in items:
-        value = np.ascontiguousarray(value)
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
     meta = {"format": "pt"}  # transformers expects this tag
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata=meta)
-        return [SINGLE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        name = f"shard-{len(written):05d}.partial"
         save_file(shard, os.path.join(directory, name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.nbytes for s in shards for v in s.values())
+        written.append((name, list(shard)))
+
+    for key, value in (tensors.items() if isinstance(tensors, Mapping) else tensors):
+        value = np.ascontiguousarray(value)
+        if shard and size + value.nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    if len(written) == 1:
+        os.replace(os.path.join(directory, written[0][0]), os.path.join(directory, SINGLE_FILE))
+        return [SINGLE_FILE]
+    names, weight_map = [], {}
+    for i, (partial, keys) in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(os.path.join(directory, partial), os.path.join(directory, name))
+        names.append(name)
+        weight_map.update({k: name for k in keys})
     with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copies the tokenizer files present in ``src`` to ``dst``; returns their names."""
-    import shutil
-
-    os.makedirs(dst, exist_ok=True)
+    """Copies the tokenizer files present in ``src`` to ``dst`` (local or gs://); returns their names."""
+    source, target = epath.Path(src), epath.Path(dst)
+    target.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dst, name))
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
             copied.append(name)
     return copied

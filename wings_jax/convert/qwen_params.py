@@ -99,18 +99,22 @@ def qwen_rules(cfg: QwenConfig, prefix: str = "") -> list[TensorRule]:
 QWEN_IGNORED = ("model.layers.*.self_attn.rotary_emb.inv_freq",)
 
 
-def load_qwen(directory: str, runtime: Runtime = Runtime()) -> Qwen2:
-    """Builds a :class:`Qwen2` from a Hugging Face Qwen2 directory (safetensors only)."""
+def load_qwen_values(directory: str, prefix: str = "", runtime: Runtime = Runtime()) -> tuple[QwenConfig, dict]:
+    """Reads a Hugging Face Qwen2 directory (safetensors only) into our layout: its config and
+    ``{prefix + path: array}``."""
     hf = read_config(directory)
     cfg = qwen_config_from_hf(hf, source=f"{directory}/config.json")
     reader = SafetensorsReader(directory)
     ignored = QWEN_IGNORED + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
-
-    def make(rngs):
-        return Qwen2(cfg, runtime, rngs=rngs)
-
-    shapes = param_shapes(abstract_model(make))
+    shapes = param_shapes(abstract_model(lambda rngs: Qwen2(cfg, runtime, rngs=rngs)))
     values = import_tensors(
-        reader, qwen_rules(cfg), shapes, num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="qwen2"
+        reader, qwen_rules(cfg, prefix), {prefix + k: v for k, v in shapes.items()},
+        num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="qwen2",
     )
-    return materialize(make, values)
+    return cfg, values
+
+
+def load_qwen(directory: str, runtime: Runtime = Runtime()) -> Qwen2:
+    """Builds a :class:`Qwen2` from a Hugging Face Qwen2 directory (safetensors only)."""
+    cfg, values = load_qwen_values(directory, runtime=runtime)
+    return materialize(lambda rngs: Qwen2(cfg, runtime, rngs=rngs), values)

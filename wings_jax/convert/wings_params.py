@@ -18,7 +18,9 @@ from flax import nnx
 
 from wings_jax.convert.hf_io import ConversionError, SafetensorsReader, read_config, write_safetensors
 from wings_jax.convert.mapping import BIAS, LINEAR, TensorRule, export_tensors, import_tensors
-from wings_jax.convert.qwen_params import QWEN_IGNORED, qwen_config_from_hf, qwen_config_to_hf, qwen_rules
+from wings_jax.convert.qwen_params import (
+    QWEN_IGNORED, load_qwen_values, qwen_config_from_hf, qwen_config_to_hf, qwen_rules,
+)
 from wings_jax.convert.siglip_params import (
     KNOWN_TOWERS, load_siglip_values, projector_rules, siglip_config_from_weights,
     siglip_config_to_hf, siglip_ignored, siglip_rules,
@@ -166,24 +168,19 @@ def import_wings(src: str, runtime: Runtime = Runtime(), mixing: str = "referenc
 def build_from_hf(llm_dir: str, vision_dir: str | None, wings: WingsConfig, runtime: Runtime = Runtime(),
                   projector: str = "mlp2x_gelu", select_layer: int = -2, seed: int = 0) -> tuple[WingsModel, dict]:
     """A fresh Wings model: Qwen2 (and SigLIP) weights from HF directories, learners/projector initialised."""
-    llm_hf = read_config(llm_dir)
-    llm_cfg = qwen_config_from_hf(llm_hf, source=f"{llm_dir}/config.json")
-    vision_cfg, vision_values = (None, {})
+    llm_cfg, values = load_qwen_values(llm_dir, prefix="llm/")
+    vision_cfg = None
     if vision_dir is not None:
         vision_cfg, vision_values = load_siglip_values(vision_dir, select_layer=select_layer, prefix="vision/")
+        values.update(vision_values)
     cfg = WingsModelConfig(llm=llm_cfg, vision=vision_cfg, wings=wings, projector=projector)
 
     def make(rngs):
         return WingsModel(cfg, runtime, rngs=rngs)
 
-    shapes = param_shapes(abstract_model(make))
-    reader = SafetensorsReader(llm_dir)
-    ignored = QWEN_IGNORED + (("lm_head.weight",) if llm_cfg.tie_word_embeddings else ())
-    values = import_tensors(reader, qwen_rules(llm_cfg, "llm/"), shapes, num_layers=lambda _: llm_cfg.num_layers,
-                            ignore=ignored, desc="qwen2")
-    values.update(vision_values)
     metadata = {"source": "hf", "llm_dir": llm_dir, "vision_dir": vision_dir,
-                "source_dtype": _dominant_dtype(reader), "has_router": True, "has_post_layernorm": True}
+                "source_dtype": _dominant_dtype(SafetensorsReader(llm_dir)), "has_router": True,
+                "has_post_layernorm": True}
     return materialize(make, values, seed=seed), metadata
 
 

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Mapping
 
+from etils import epath
 from tqdm import tqdm
 
 
@@ -15,8 +16,9 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        directory = epath.Path(workdir)  # local or gs://
+        directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (directory / "metrics.jsonl").open("a")
         from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo_data = ml_collections.ConfigDict({"dir": "", "num_records": 0})  # generate the demo set there
     c.train = ml_collections.ConfigDict({
         "steps": 1000,
+        "seed": 0,  # initialisation of a new model (the data order has its own: data.seed)
         "global_batch_size": 64,  # conversations per optimizer step, all hosts together
         "grad_accum": 1,  # micro-batches per step (each global_batch_size // grad_accum rows)
         "loss_chunk": 512,  # positions per vocabulary-projection chunk of the loss
@@ -131,5 +132,8 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
                           "(model.wings.router_max_len)")
     if max_len % min(t.loss_chunk, max_len):
         raise ConfigError(f"data.max_len={max_len} is not a multiple of train.loss_chunk={t.loss_chunk}")
-    if t.profile_steps and (len(t.profile_steps) != 2 or t.profile_steps[0] > t.profile_steps[1]):
-        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last)")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] <= t.profile_steps[1] < t.steps):
+        raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last) with 0 <= first <= last "
+                          f"< train.steps={t.steps}")
+    if model.vision is None and cfg.data.max_images:
+        raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
