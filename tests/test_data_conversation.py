@@ -1,4 +1,6 @@
 """ChatML formatting: token ids vs the tokenizer's chat template, label masking, images, bad records."""
+import os
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from wings_jax.data import (
     load_tokenizer,
     preprocess_image,
 )
+from wings_jax.data import tokenizer as tokenizer_module
 from wings_jax.data.conversation import turns_from_llava
 
 T = 5  # slots per image
@@ -178,9 +181,50 @@ def test_bad_llava_records(record, kind, message):
     assert info.value.kind == kind
 
 
+def test_model_without_vision_tower(tok):
+    formatter = ChatFormatter(tok, tokens_per_image=0)
+    turns = [Turn("user", "What is 3 plus 4?"), Turn("assistant", "7")]
+    encoded = formatter.encode(turns, 0)
+    assert encoded.tokens.tolist() == ChatFormatter(tok, tokens_per_image=T).encode(turns, 0).tokens.tolist()
+    with pytest.raises(BadRecordError, match="no vision tower") as info:
+        formatter.encode([Turn("user", "<image>\nq"), Turn("assistant", "a")], 1)
+    assert info.value.kind == "image_without_tower"
+    with pytest.raises(ValueError, match="negative"):
+        ChatFormatter(tok, tokens_per_image=-1)
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_load_tokenizer_from_a_remote_directory(tok, tmp_path, monkeypatch):
+    """A gs:// directory is read through a local copy of its tokenizer files (a local one stands in here)."""
+    remote = tmp_path / "checkpoint"
+    tok.save_pretrained(remote)
+    (remote / "model.safetensors").write_bytes(b"weights are not copied")
+    monkeypatch.setattr(tokenizer_module, "_is_remote", lambda path: True)
+    load_local, copied = tokenizer_module._load_local, []
+
+    def spy(local, shown):
+        copied.extend(sorted(os.listdir(local)))
+        return load_local(local, shown)
+
+    monkeypatch.setattr(tokenizer_module, "_load_local", spy)
+    loaded = load_tokenizer(remote)
+    assert "tokenizer.json" in copied and "model.safetensors" not in copied  # tokenizer files only
+    local = loaded.name_or_path
+    assert local != str(remote) and not os.path.exists(local)  # a temporary copy, removed after loading
+    text = "<|im_start|>user\nWhat colour is the image?<|im_end|>"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.chat_template == tok.chat_template
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="holds none of tokenizer.json"):
+        load_tokenizer(tmp_path / "weights_only")
 
 
 def test_local_tokenizer_layout(tok):

@@ -1,8 +1,11 @@
 """The grain pipeline: truncation, padding, packing, determinism, sharding, resume, bad records, sources."""
+import dataclasses
 import io
 import json
 import os
+import pickle
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -25,7 +28,8 @@ from wings_jax.data import (
 from wings_jax.data.assemble import truncation_point
 from wings_jax.data.pipeline import Encoder
 from wings_jax.data.prepare import main as prepare_main
-from wings_jax.data.sources import ArrayRecordSource, JsonlSource, decode_record, open_source
+from wings_jax.data.sources import (
+    ArrayRecordSource, JsonlSource, RawRecord, decode_record, open_source, pack_record, unpack_record)
 
 S = 8  # image size
 T = 4  # slots per image
@@ -385,7 +389,8 @@ def test_array_record_prepare_and_read_equal_jsonl(tmp_path, tok, capsys):
     assert len(jsonl) == len(packed) == 12
     for i in range(len(jsonl)):
         a, b = jsonl[i], packed[i]
-        assert b.origin.startswith(a.origin)
+        assert b.origin == f"{out}-{i // 6:05d}-of-00002 record {i % 6}"  # the shard file and the record in it
+        assert b.unpacked().origin == f"{b.origin} (prepared from {a.origin})"
         turns_a, images_a = decode_record(a)
         try:
             turns_b, images_b = decode_record(b)
@@ -400,6 +405,89 @@ def test_array_record_prepare_and_read_equal_jsonl(tmp_path, tok, capsys):
     from_jsonl = _take(_iterator(cfg, tok))
     cfg.sources = [source_config("array_record", str(out))]
     _assert_batches_equal(_take(_iterator(cfg, tok)), from_jsonl)
+
+
+def _write_array_record(path, blobs):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for blob in blobs:
+        writer.write(blob)
+    writer.close()
+
+
+def _packed(i):
+    return pack_record(f"data.jsonl line {i + 1}", json.dumps(_record(i, 0)).encode(), [])
+
+
+def _with_header(header):
+    return b"WJR1" + struct.pack("<I", len(header)) + header
+
+
+_GOOD = pack_record("data.jsonl line 1", json.dumps(_record(0, 1)).encode(), [("img0_0.png", b"PNG DATA")])
+
+
+@pytest.mark.parametrize("blob", [
+    b"",  # empty
+    b"WJR1\x01",  # too short for the header length
+    b"XXXX" + _GOOD[4:],  # not our mark
+    _GOOD[:20],  # cut inside the header: the header is not JSON
+    _GOOD[:-1],  # cut inside the image
+    _GOOD + b"?",  # trailing bytes
+    _with_header(b"[1]"),  # a header that is not an object
+    _with_header(b'{"origin": "x"}'),  # no sizes
+    _with_header(b'{"origin": "x", "record": -1, "images": []}'),  # no record
+])
+def test_damaged_array_record_blobs_are_bad_records(blob):
+    assert unpack_record(_GOOD).images == {"img0_0.png": b"PNG DATA"}
+    with pytest.raises(BadRecordError, match="not a readable wings_jax record") as info:
+        decode_record(RawRecord("x.array_record record 0", blob, unpack=unpack_record))
+    assert info.value.kind == "corrupt_record"
+
+
+def test_origin_of_a_prepared_record_names_its_source_line(tok):
+    raw = RawRecord("x.array_record record 0", pack_record("data.jsonl line 7", b'{"conversations": [', []),
+                    unpack=unpack_record)
+    assert raw.unpacked().origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
+    with pytest.raises(BadRecordError, match="not valid JSON") as info:
+        decode_record(raw)
+    assert info.value.kind == "bad_json"
+    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
+                      max_images=2)
+    assert encoder(raw).origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
+    # Also for what goes wrong after decoding.
+    no_answer = json.dumps({"conversations": [{"from": "human", "value": "q"}]}).encode()
+    raw = dataclasses.replace(raw, data=pack_record("data.jsonl line 8", no_answer, []))
+    bad = encoder(raw)
+    assert bad.kind == "bad_roles" and bad.origin == "x.array_record record 0 (prepared from data.jsonl line 8)"
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_damaged_array_record_blob_follows_the_policy(tmp_path, tok, policy):
+    path = tmp_path / "data.array_record"
+    blobs = [_packed(i) for i in range(8)]
+    blobs[3] = blobs[3][:20]  # cut inside the header
+    _write_array_record(path, blobs)
+    cfg = _config("", "", bad_record_policy=policy, max_bad_fraction=0.5)
+    cfg.sources = [source_config("array_record", str(path))]
+    it = _iterator(cfg, tok, batch=1)
+    if policy == "error":
+        message = re.escape(f"{path} record 3: not a readable wings_jax record")
+        with pytest.raises(BadRecordError, match=message) as info:
+            _take(it)
+        assert info.value.kind == "corrupt_record"
+        return
+    rows = [_record_number(tok, b["tokens"][0]) for b in _take(it)]
+    assert rows == [0, 1, 2, 4, 5, 6, 7]
+    assert dict(it.stats.skipped) == {"corrupt_record": 1} and it.stats.seen == 8
+
+
+def test_prepare_refuses_a_remote_output(tmp_path, monkeypatch):
+    path, root = _write_dataset(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="write to a local directory, then copy the shards with gsutil"):
+        prepare_main(["--input", path, "--image-root", root, "--output", "gs://bucket/data.array_record"])
+    assert not (tmp_path / "gs:").exists()
 
 
 def test_tfds_source(tmp_path, tok):
@@ -453,6 +541,12 @@ def test_tfds_source(tmp_path, tok):
         for k in range(i % 3):
             expected = np.asarray(_colour(i + 100 * k), np.float32) * (2 / 255) - 1
             np.testing.assert_allclose(b["images"][r, k, S // 2, S // 2], expected, atol=1e-5)
+    # A feature that is not there: a bad record under the policy, named by its example.
+    cfg.sources = [source_config("tfds", "tiny_conversations", data_dir=str(data_dir), conversations_key="chat")]
+    message = r"tfds tiny_conversations split train example \d+: feature 'chat'"
+    with pytest.raises(BadRecordError, match=message) as info:
+        _take(_iterator(cfg, tok, batch=1))
+    assert info.value.kind == "bad_example"
 
 
 def test_json_list_source_equals_jsonl(tmp_path, tok):
@@ -464,6 +558,51 @@ def test_json_list_source_equals_jsonl(tmp_path, tok):
     from_jsonl = _take(_iterator(cfg, tok))
     cfg.sources = [source_config("llava_json", str(json_path), image_root=root)]
     _assert_batches_equal(_take(_iterator(cfg, tok)), from_jsonl)
+
+
+def test_jsonl_source_lines_and_close(tmp_path):
+    record = json.dumps(_record(0, 0)).encode()
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n" + record + b"\n   \n\t" + record + b"\r\n\n" + record)  # no final newline
+    source = JsonlSource(str(path))
+    assert len(source) == 3
+    assert [source[i].origin for i in range(3)] == [f"{path} line {n}" for n in (2, 4, 6)]
+    assert [decode_record(source[i])[0] for i in range(3)] == [decode_record(source[0])[0]] * 3
+    source.close()
+    assert source[2].data == record  # reading again reopens the file
+    assert pickle.loads(pickle.dumps(source))[1].data == b"\t" + record + b"\r"
+    source.close()
+    path.write_bytes(b"")
+    assert len(JsonlSource(str(path))) == 0
+    path.write_bytes(b" \n\n")
+    assert len(JsonlSource(str(path))) == 0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_model_without_vision_tower(tmp_path, tok, packing):
+    path, root = _write_dataset(tmp_path, 8, images_of=lambda i: int(i == 2))
+    cfg = _config(path, root, max_images=0, packing=packing, bad_record_policy="skip", max_bad_fraction=0.5)
+
+    def iterator(cfg):
+        return make_data_iterator(cfg, tokenizer=tok, image_size=0, tokens_per_image=0, global_batch_size=2)
+
+    it = iterator(cfg)
+    batches = _take(it)
+    assert batches
+    for batch in batches:
+        assert batch["images"].shape == (2, 0, 1, 1, 3) and batch["images"].dtype == np.float32
+        assert batch["image_mask"].shape == (2, 0) and batch["image_mask"].dtype == bool
+        assert not (batch["tokens"] == IMAGE_TOKEN_ID).any()
+    seen = sorted(_record_number(tok, b["tokens"][r, sl]) for b in batches for r, _, sl in _segments(b))
+    assert 2 not in seen and len(seen) == len(set(seen))
+    assert dict(it.stats.skipped) == {"image_without_tower": 1}
+    cfg.bad_record_policy = "error"
+    with pytest.raises(BadRecordError, match=re.escape(f"{path} line 3: the conversation has 1 image(s), but the "
+                                                       "model has no vision tower")):
+        _take(iterator(cfg))
+    cfg.max_images = 1
+    with pytest.raises(ValueError, match="no vision tower .* data.max_images must be 0"):
+        iterator(cfg)
 
 
 def test_demo_dataset(tmp_path):

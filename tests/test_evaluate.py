@@ -10,7 +10,8 @@ from test_generate import save_vision_checkpoint
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.errors import BadRecordError
-from wings_jax.decoding import Decoder, load_for_inference
+from wings_jax.data.conversation import Turn
+from wings_jax.decoding import Decoder, encode_chat, load_for_inference
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.evaluate import read_questions, score_options
 
@@ -75,13 +76,22 @@ def test_scores_and_accuracy(setup, capsys):
             rows.append(Prompt(ids, np.arange(len(ids), dtype=np.int32), text_mask, np.zeros((0, 1, 1, 3)),
                                np.zeros(0, bool)))
             spans.append(range(len(prompt), len(ids)))
+    # The image question (its tower outputs are computed once for its four options): the rows with pixels.
+    image_prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\n" + questions[0].question)],
+                               [questions[0].image])
+    n = len(image_prompt.tokens)
+    for option in questions[0].options:
+        ids = np.concatenate([image_prompt.tokens, tokenizer(option, add_special_tokens=False)["input_ids"]])
+        text_mask = np.concatenate([image_prompt.text_mask, np.ones(len(ids) - n, bool)])
+        rows.append(image_prompt._replace(tokens=ids.astype(np.int32), positions=np.arange(len(ids), dtype=np.int32),
+                                          text_mask=text_mask))
+        spans.append(range(n, len(ids)))
     expected = []
     for logits, span, row in zip(Decoder(model).logits(rows), spans, rows):
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         expected.append(sum(logp[t - 1, row.tokens[t]] for t in span))
-    np.testing.assert_allclose(np.concatenate(scores[1:]), expected, rtol=1e-5, atol=1e-4)
-    assert len(scores[0]) == 4 and np.all(np.isfinite(scores[0]))
+    np.testing.assert_allclose(np.concatenate(scores[1:] + scores[:1]), expected, rtol=1e-5, atol=1e-4)
 
     preferred = [int(np.argmax(s)) for s in scores]
     data = write_jsonl(root / "right.jsonl", _answer_formats(RECORDS, preferred))
@@ -102,6 +112,17 @@ def test_scores_and_accuracy(setup, capsys):
     assert json.loads(capsys.readouterr().out) == {"accuracy": 4 / 6, "count": 6, "per_subject": {
         "colours": {"accuracy": 1.0, "count": 2}, "math": {"accuracy": 2 / 3, "count": 3},
         "vision": {"accuracy": 0.0, "count": 1}}}
+
+
+def test_scoring_errors_keep_their_kind(setup, tmp_path):
+    """An image that exists but cannot be decoded is found when scoring: a record error of kind bad_image."""
+    _, _, model, tokenizer = setup
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    path = write_jsonl(tmp_path / "questions.jsonl", [{**RECORDS[1], "answer": "A"},
+                                                      {**RECORDS[0], "image": "broken.png", "answer": "A"}])
+    with pytest.raises(BadRecordError, match=f"{path}:2:.*broken.png") as error:
+        score_options(model, tokenizer, read_questions(path), batch_size=4, progress=False)
+    assert error.value.kind == "bad_image"
 
 
 GOOD = {"question": "What is 3 plus 4?", "options": ["7", "8"], "answer": "A"}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class GenerationError(ValueError):
@@ -80,7 +83,7 @@ def load_for_inference(path: str, dtype: str = "float32") -> tuple[WingsModel, A
     return model, load_tokenizer(path)
 
 
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     """Ids of ``<|im_end|>`` (end of an assistant turn) and ``<|endoftext|>`` that the tokenizer knows."""
     vocab = tokenizer.get_vocab()
     return tuple(vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab)
@@ -93,14 +96,13 @@ def with_image_placeholders(text: str, num_images: int) -> str:
     return (IMAGE_PLACEHOLDER + "\n") * num_images + text
 
 
-def encode_chat(cfg: WingsModelConfig, tokenizer, turns: Sequence[TurnLike], images: Sequence[ImageSource] = (),
-                *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Prompt:
+def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
+                images: Sequence[ImageSource] = (), *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Prompt:
     """A generation prompt for a model of config ``cfg`` (image size and slots from its tower)."""
     if images and cfg.vision is None:
         raise GenerationError("this model has no vision tower; it cannot take images")
-    # A text-only model never expands a placeholder; the formatter just needs a positive slot count.
     return encode_prompt(tokenizer, turns, images, image_size=cfg.vision.image_size if cfg.vision else 1,
-                         tokens_per_image=max(cfg.tokens_per_image, 1), system_prompt=system_prompt)
+                         tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -192,6 +194,7 @@ class _Steps(NamedTuple):
     extend: Callable
     recompute: Callable
     forward: Callable
+    vision: Callable
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,22 +204,31 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
 
     def prefill(state, batch, lengths, key, settings, max_length):
         logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length, logits_at=lengths - 1)
-        return sample_tokens(logits[:, 0], key, settings), cache
+        return sample_tokens(logits[:, 0], jax.random.fold_in(key, 0), settings), cache
 
-    def extend(state, cache, tokens, positions, key, settings):
+    def extend(state, cache, tokens, positions, step, key, settings):
+        """Feeds the tokens of step ``step - 1`` at ``positions`` and samples step ``step``; also returns
+        the next step's positions and number, so the host never sends either."""
         logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
-        return sample_tokens(logits[:, 0], key, settings), cache
+        tokens = sample_tokens(logits[:, 0], jax.random.fold_in(key, step), settings)
+        return tokens, cache, positions + 1, step + 1
 
-    def recompute(state, batch, lengths, key, settings):
-        return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), key, settings)
+    def recompute(state, batch, lengths, key, step, settings):
+        return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), jax.random.fold_in(key, step),
+                             settings)
 
     def forward(state, batch):
         return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
 
+    def vision(state, images):
+        b, i = images.shape[:2]
+        feats = nnx.merge(graphdef, state).vision(images.reshape(b * i, *images.shape[2:]))
+        return feats.reshape(b, i, *feats.shape[1:])
+
     return _Steps(prefill=jax.jit(prefill, static_argnames=("max_length",)),
                   # the old cache is dead after a step: donating it lets XLA update it in place
                   extend=jax.jit(extend, donate_argnames=("cache",)),
-                  recompute=jax.jit(recompute), forward=jax.jit(forward))
+                  recompute=jax.jit(recompute), forward=jax.jit(forward), vision=jax.jit(vision))
 
 
 class Decoder:
@@ -237,6 +249,11 @@ class Decoder:
         check_length(self.cfg, max(lengths), "the prompt", "shorten it")
         out = np.asarray(self._steps.forward(self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
         return [row[:n] for row, n in zip(out, lengths)]
+
+    def image_features(self, images: np.ndarray | jax.Array) -> jax.Array:
+        """Tower outputs (B, I, T, D_vision) of pixels (B, I, S, S, 3). Batches that carry them as
+        ``image_features`` instead of ``images`` skip the tower: compute them once, use them many times."""
+        return self._steps.vision(self.state, images)
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None) -> list[Generation]:
@@ -264,22 +281,26 @@ class Decoder:
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
         max_length = batch["tokens"].shape[1] + max_new_tokens
-        tokens, cache = self._steps.prefill(self.state, batch, lengths, jax.random.fold_in(key, 0), settings,
-                                            max_length=max_length)
-        yield np.asarray(tokens)
-        for step in range(1, max_new_tokens):
-            # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample the next.
-            tokens, cache = self._steps.extend(self.state, cache, tokens, jnp.asarray(lengths + step - 1),
-                                               jax.random.fold_in(key, step), settings)
+        tokens, cache = self._steps.prefill(self.state, batch, lengths, key, settings, max_length=max_length)
+        # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
+        positions, step = jnp.asarray(lengths), jnp.asarray(1, jnp.int32)
+        for _ in range(1, max_new_tokens):
+            # One step in flight: step s is dispatched before the host waits for step s - 1's tokens, so
+            # the device never idles while the caller checks for stop tokens (at worst one step is wasted).
+            following, cache, positions, step = self._steps.extend(self.state, cache, tokens, positions, step, key,
+                                                                   settings)
             yield np.asarray(tokens)
+            tokens = following
+        yield np.asarray(tokens)
 
     def _recompute_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         # One buffer for the whole call: every step is the same shape (finished rows keep growing too).
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
+        if "images" in batch and self.cfg.vision is not None:  # the tower runs once, not at every step
+            batch["image_features"] = self.image_features(batch.pop("images"))
         rows, lengths = np.arange(len(prompts)), lengths.copy()
         for step in range(max_new_tokens):
-            tokens = np.asarray(self._steps.recompute(self.state, batch, lengths, jax.random.fold_in(key, step),
-                                                      settings))
+            tokens = np.asarray(self._steps.recompute(self.state, batch, lengths, key, step, settings))
             yield tokens
             batch["tokens"][rows, lengths] = tokens
             batch["positions"][rows, lengths] = lengths
@@ -305,6 +326,6 @@ def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> lis
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
 
 
-def decode_text(tokenizer, ids: Sequence[int]) -> str:
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -12,7 +12,8 @@ Each option is scored by the sum of the log-probabilities of its tokens after th
 the question (ChatML, the question as the user turn, ``<image>`` first if there is an image), exactly as
 the model would have to write it. The prediction is the best-scoring option. (question, option) rows run
 through the teacher-forced forward in batches of fixed size, padded to bucketed lengths, so few shapes
-are ever compiled.
+are ever compiled; only the positions that predict option tokens are projected onto the vocabulary, and a
+question's image goes through the vision tower once for all its options.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import json
 import os
 import string
 import sys
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,12 @@ from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
-from wings_jax.decoding import (GenerationError, bucket_length, check_length, encode_chat, load_for_inference,
-                                pad_prompts, with_image_placeholders)
+from wings_jax.decoding import (Decoder, GenerationError, bucket_length, check_length, encode_chat,
+                                load_for_inference, pad_prompts, with_image_placeholders)
 from wings_jax.model.wings import WingsModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,38 +135,49 @@ def _answer_index(answer: Any, keys: list[str], options: tuple[str, ...], where:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _option_scores(graphdef, state, batch, scored):
-    """Per row, the sum over positions t with ``scored[t]`` of log p(tokens[t] | tokens[:t])."""
-    logits = nnx.merge(graphdef, state)(batch)[:, :-1].astype(jnp.float32)
-    targets = jnp.maximum(batch["tokens"][:, 1:], 0)  # image slots (negative ids) are never scored
+def _option_scores(graphdef, state, batch, at, targets, valid):
+    """Per row, the sum over k with ``valid[:, k]`` of log p(targets[:, k] | tokens[:at[:, k] + 1]): only the
+    (B, K) hidden states that predict option tokens are projected onto the vocabulary."""
+    model = nnx.merge(graphdef, state)
+    hidden = jnp.take_along_axis(model.hidden_states(batch), at[..., None], axis=1)
+    logits = model.llm.logits(hidden).astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum(jnp.where(scored[:, 1:], logp, 0.0), axis=-1)
+    return jnp.sum(jnp.where(valid, logp, 0.0), axis=-1)
 
 
-def _rows(model: WingsModel, tokenizer, questions: Sequence[Question]) -> Iterator[tuple[Prompt, int]]:
-    """(prompt + option tokens, number of option tokens) per option, question by question."""
+def _bad_record(q: Question, e: Exception) -> BadRecordError:
+    """``e`` as an error of record ``q``, keeping its kind of problem."""
+    return BadRecordError(f"{q.where}: {e}", kind=getattr(e, "kind", BadRecordError.kind))
+
+
+def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
+          ) -> Iterator[tuple[Prompt, int]]:
+    """(prompt + option tokens, number of option tokens) per option, question by question. The prompt's
+    ``images`` hold the tower outputs (1, T, D_vision) of the question's image, computed once for its options."""
     for q in questions:
         images = [q.image] if q.image else []
         try:
-            prompt = encode_chat(model.cfg, tokenizer, [Turn("user", with_image_placeholders(q.question, len(images)))],
-                                 images)
+            prompt = encode_chat(decoder.cfg, tokenizer,
+                                 [Turn("user", with_image_placeholders(q.question, len(images)))], images)
         except (DataError, GenerationError) as e:
-            raise BadRecordError(f"{q.where}: {e}") from None
+            raise _bad_record(q, e) from None
+        if images:
+            prompt = prompt._replace(images=np.asarray(decoder.image_features(prompt.images[None]))[0])
         for option in q.options:
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
             try:
-                check_length(model.cfg, n, "the question with this option", "shorten the record")
+                check_length(decoder.cfg, n, "the question with this option", "shorten the record")
             except GenerationError as e:
-                raise BadRecordError(f"{q.where}: {e}") from None
+                raise _bad_record(q, e) from None
             yield prompt._replace(tokens=np.concatenate([prompt.tokens, ids]),
                                   positions=np.arange(n, dtype=np.int32),
                                   text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)])), len(ids)
 
 
-def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], batch_size: int = 8,
-                  progress: bool = True) -> list[np.ndarray]:
+def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
+                  batch_size: int = 8, progress: bool = True) -> list[np.ndarray]:
     """Log-likelihood of every option of every question (one array per question)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -173,9 +188,9 @@ def score_options(model: WingsModel, tokenizer, questions: Sequence[Question], b
     scores: list[float] = []
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:
-        for chunk in _chunks(_rows(model, tokenizer, questions), batch_size):
+        for chunk in _chunks(_rows(Decoder(model), tokenizer, questions), batch_size):
             batch, scored = _score_batch(chunk, batch_size)
-            scores.extend(np.asarray(_option_scores(graphdef, state, batch, scored))[:len(chunk)].tolist())
+            scores.extend(np.asarray(_option_scores(graphdef, state, batch, *scored))[:len(chunk)].tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])
     return [np.asarray(scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -197,14 +212,21 @@ _EMPTY_ROW = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bo
                     np.zeros(0, bool))
 
 
-def _score_batch(rows: list[tuple[Prompt, int]], batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The padded batch (bucketed length, fixed size) and the mask of option tokens to score."""
+def _score_batch(rows: list[tuple[Prompt, int]], batch_size: int
+                 ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The padded batch (bucketed length, fixed size, tower outputs as ``image_features``) and what to score,
+    (B, K) each, K a bucket of the longest option: the positions whose next token is an option token, that
+    token, and which entries are real."""
     prompts = [p for p, _ in rows] + [_EMPTY_ROW] * (batch_size - len(rows))
     batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
-    scored = np.zeros(batch["tokens"].shape, bool)
-    for i, (prompt, num_option_tokens) in enumerate(rows):
-        scored[i, len(prompt.tokens) - num_option_tokens:len(prompt.tokens)] = True
-    return batch, scored
+    if "images" in batch:
+        batch["image_features"] = batch.pop("images")
+    width = bucket_length(max(k for _, k in rows), minimum=8)
+    at, targets, valid = (np.zeros((batch_size, width), dtype) for dtype in (np.int32, np.int32, bool))
+    for i, (prompt, k) in enumerate(rows):
+        n = len(prompt.tokens)
+        at[i, :k], targets[i, :k], valid[i, :k] = np.arange(n - k - 1, n - 1), prompt.tokens[n - k:], True
+    return batch, (at, targets, valid)
 
 
 def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray]) -> dict:
@@ -222,8 +244,8 @@ def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray])
     return {**summary(correct), "per_subject": {s: summary(v) for s, v in sorted(by_subject.items())}}
 
 
-def evaluate(model: WingsModel, tokenizer, questions: Sequence[Question], batch_size: int = 8,
-             progress: bool = True) -> dict:
+def evaluate(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
+             batch_size: int = 8, progress: bool = True) -> dict:
     return accuracy_report(questions, score_options(model, tokenizer, questions, batch_size, progress))
 
 
@@ -233,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="converted checkpoint or training workdir (holds the tokenizer)")
     p.add_argument("--data", required=True, help="JSON-lines file of multiple-choice questions")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="(question, option) rows per forward (memory: batch x length x vocab float32 logits)")
+                   help="(question, option) rows per forward (memory: batch x longest option x vocab float32 "
+                        "logits)")
     p.add_argument("--output", help="also write the results here (JSON)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return p

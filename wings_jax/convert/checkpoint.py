@@ -13,7 +13,6 @@ A training workdir holds the same ``wings_config.json`` and tokenizer at its roo
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import jax

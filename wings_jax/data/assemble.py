@@ -7,13 +7,16 @@ at fixed shapes, images still uint8; `finalize_batch` turns stacked rows into th
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
 from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter, EncodedConversation, TurnLike
 from .images import ImageSource, normalize, preprocess_image
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "text_mask", "images", "image_mask")
 
@@ -110,8 +113,8 @@ class Prompt(NamedTuple):
     image_mask: np.ndarray  # bool (k,), all True
 
 
-def encode_prompt(tokenizer, turns: Sequence[TurnLike], images: Sequence[ImageSource] = (), *, image_size: int,
-                  tokens_per_image: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike], images: Sequence[ImageSource] = (),
+                  *, image_size: int, tokens_per_image: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                   image_aspect: str = "pad") -> Prompt:
     """Formats a conversation that ends with a user turn, followed by the assistant header to generate from.
 

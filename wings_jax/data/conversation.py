@@ -17,12 +17,15 @@ tokenizing the whole text at once (text between two placeholders is tokenized as
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 
 from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID, IM_END, IM_START, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 from .errors import BadRecordError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 # LLaVA's "from" values.
@@ -106,9 +109,11 @@ def turns_from_llava(record: Any) -> tuple[list[Turn], list[str]]:
 class ChatFormatter:
     """Renders and tokenizes ChatML conversations; see the module docstring."""
 
-    def __init__(self, tokenizer, *, tokens_per_image: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
-        if tokens_per_image < 1:
-            raise ValueError(f"tokens_per_image must be positive, got {tokens_per_image}")
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, tokens_per_image: int,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        """``tokens_per_image=0``: a model without a vision tower, which takes no images."""
+        if tokens_per_image < 0:
+            raise ValueError(f"tokens_per_image must not be negative, got {tokens_per_image}")
         self.tokenizer = tokenizer
         self.tokens_per_image = tokens_per_image
         self.system_prompt = system_prompt
@@ -121,6 +126,9 @@ class ChatFormatter:
         ``add_generation_prompt`` it must end with a user turn, and the result ends with the assistant
         header so the model writes the answer next.
         """
+        if num_images and not self.tokens_per_image:
+            raise BadRecordError(f"the conversation has {num_images} image(s), but the model has no vision tower "
+                                 "to read them (tokens_per_image=0)", kind="image_without_tower")
         turns = as_turns(turns)
         _validate(turns, num_images, add_generation_prompt)
         if turns[0].role != "system":

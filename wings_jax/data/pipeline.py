@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
@@ -37,7 +37,10 @@ from .constants import DEFAULT_SYSTEM_PROMPT
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
 from .images import ASPECT_MODES, load_image, to_square_pixels
-from .sources import RawRecord, SOURCE_KINDS, decode_record, open_source
+from .sources import RawRecord, SOURCE_KINDS, Source, decode_record, open_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("wings_jax.data")
 
@@ -107,6 +110,7 @@ class Encoder:
 
     def __call__(self, raw: RawRecord) -> dict[str, np.ndarray] | BadRecord:
         try:
+            raw = raw.unpacked()  # a damaged stored record fails here; after it, the origin is the full one
             turns, images = decode_record(raw)
             encoded = self.formatter.encode(turns, len(images))
             cut, kept = assemble.truncation_point(len(encoded.tokens), encoded.image_starts,
@@ -227,8 +231,9 @@ class DataIterator(Iterator[dict]):
     next. ``stats.seen`` / ``stats.skipped`` count records and skipped records by reason.
     """
 
-    def __init__(self, dataset: grain.IterDataset, stats: BadRecordStats, fingerprint: str):
-        self._dataset, self.stats, self._fingerprint = dataset, stats, fingerprint
+    def __init__(self, dataset: grain.IterDataset, stats: BadRecordStats, fingerprint: str,
+                 sources: Sequence[Source] = ()):
+        self._dataset, self.stats, self._fingerprint, self._sources = dataset, stats, fingerprint, sources
         self._iterator = iter(dataset)
 
     def __iter__(self) -> "DataIterator":
@@ -252,25 +257,32 @@ class DataIterator(Iterator[dict]):
         self._iterator.set_state(state["grain"])
 
     def close(self) -> None:
-        """Stops worker processes, if any."""
+        """Stops worker processes, if any, and closes the sources' files."""
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+        for source in self._sources:
+            source.close()
 
 
-def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer, image_size: int, tokens_per_image: int,
-                       global_batch_size: int, process_index: int = 0, process_count: int = 1) -> DataIterator:
+def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedTokenizerBase, image_size: int,
+                       tokens_per_image: int, global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1) -> DataIterator:
     """Builds this host's iterator of batches (see the module docstring and docs/architecture.md).
 
     Each batch has global_batch_size // process_count rows of data_cfg.max_len tokens and
-    data_cfg.max_images images of image_size x image_size pixels.
+    data_cfg.max_images images of image_size x image_size pixels. A model without a vision tower passes
+    image_size=0 and tokens_per_image=0 and needs data.max_images=0; its batches hold empty image
+    arrays (rows, 0, 1, 1, 3), and a record with an image is a bad record (kind 'image_without_tower').
     """
     cfg = _checked(data_cfg, tokens_per_image, global_batch_size, process_index, process_count)
     rows = global_batch_size // process_count
+    image_size = max(image_size, 1)  # no tower: 1 x 1 pixels per (absent) image, as the training loop expects
 
-    datasets, weights = [], []
+    datasets, weights, sources = [], [], []
     for i, src_cfg in enumerate(cfg["sources"]):
         source = open_source(src_cfg)
+        sources.append(source)
         if len(source) == 0:
             raise DataError(f"data source {src_cfg['path']!r} has no records")
         ds = grain.MapDataset.source(source)
@@ -305,7 +317,7 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer, image_size: in
     it = it.batch(rows, drop_remainder=True).map(assemble.finalize_batch)
 
     return DataIterator(it, stats, _fingerprint(cfg, image_size, tokens_per_image, global_batch_size,
-                                                process_index, process_count, len(tokenizer)))
+                                                process_index, process_count, len(tokenizer)), sources)
 
 
 # Settings that do not change which batches come, nor the shape of the saved state.
@@ -356,6 +368,9 @@ def _checked(data_cfg: Mapping[str, Any], tokens_per_image: int, global_batch_si
         raise ValueError(f"data.bad_record_policy {cfg['bad_record_policy']!r} is not one of {BAD_RECORD_POLICIES}")
     if cfg["image_aspect"] not in ASPECT_MODES:
         raise ValueError(f"data.image_aspect {cfg['image_aspect']!r} is not one of {ASPECT_MODES}")
+    if tokens_per_image == 0 and cfg["max_images"] > 0:
+        raise ValueError(f"the model has no vision tower (tokens_per_image=0), so data.max_images must be 0 "
+                         f"(is {cfg['max_images']})")
     if cfg["max_images"] > 0 and cfg["max_len"] < tokens_per_image + 1:
         raise ValueError(f"data.max_len={cfg['max_len']} cannot hold one image ({tokens_per_image} slots) and any "
                          "text; raise it or set data.max_images=0")

@@ -8,6 +8,7 @@ decoding, no re-encoding), so reading the output gives exactly what reading the 
 without touching the image directory. Problems are kept, not fixed: a broken line stays broken and a
 missing image is recorded as missing; the training pipeline's bad-record policy decides what to do with
 them. With ``--num-shards N`` the records are split, in order, into ``OUTPUT-00000-of-0000N`` ... files.
+The output is written locally (ArrayRecord's writer opens local files only); copy it to gs:// afterwards.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _packed(source, index: int) -> tuple[bytes, int]:
     except DataError:
         images = []  # the record is broken: reading it back fails with the same error, so embed nothing
     embedded = [(ref, _bytes_or_none(path, ref)) for ref, path in images]
-    return pack_record(raw.origin, raw.record, embedded), sum(data is None for _, data in embedded)
+    return pack_record(raw.origin, raw.data, embedded), sum(data is None for _, data in embedded)
 
 
 def _bytes_or_none(path: str, name: str) -> bytes | None:
@@ -59,6 +60,11 @@ def prepare(input_path: str, image_root: str | None, output: str, *, num_shards:
 
     if num_shards < 1:
         raise ValueError(f"--num-shards must be at least 1, got {num_shards}")
+    output = os.fspath(output)
+    if "://" in output:
+        # ArrayRecord's writer opens local files only (it would write under a local directory named 'gs:').
+        raise ValueError(f"--output {output!r}: prepare writes local files only; write to a local directory, "
+                         "then copy the shards with gsutil/gcloud storage cp")
     source = open_llava(input_path, image_root)
     n = len(source)
     paths = shard_paths(output, num_shards)
@@ -83,6 +89,7 @@ def prepare(input_path: str, image_root: str | None, output: str, *, num_shards:
             finally:
                 writer.close()
     bar.close()
+    source.close()
     return {"records": n, "missing_images": missing}
 
 
@@ -90,11 +97,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m wings_jax.data.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="LLaVA-format .json (list of records) or .jsonl file")
     parser.add_argument("--image-root", default=None, help="directory the records' image paths are relative to")
-    parser.add_argument("--output", required=True, help="output .array_record path (shards get -NNNNN-of-NNNNN)")
+    parser.add_argument("--output", required=True, help="local output .array_record path (shards get -NNNNN-of-NNNNN)")
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--threads", type=int, default=8, help="threads reading image files")
     args = parser.parse_args(argv)
-    stats = prepare(args.input, args.image_root, args.output, num_shards=args.num_shards, threads=args.threads)
+    try:
+        stats = prepare(args.input, args.image_root, args.output, num_shards=args.num_shards, threads=args.threads)
+    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {stats['records']} records to {', '.join(shard_paths(args.output, args.num_shards))}"
           + (f"; {stats['missing_images']} image(s) were missing and are marked so" if stats["missing_images"] else ""))
 

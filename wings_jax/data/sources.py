@@ -1,9 +1,10 @@
 """Random-access record sources: LLaVA JSON / JSONL, our ArrayRecord files, TFDS (ArrayRecord format).
 
-Every source is a grain random-access data source (``__len__``, ``__getitem__``) whose items are
-`RawRecord`s: the LLaVA-format record (still encoded, so that a broken line becomes a bad record at
-decode time instead of failing the whole file) plus where its images come from. `decode_record` turns
-one into turns and image sources; it raises `BadRecordError` / `BadImageError` naming the record.
+Every source is a grain random-access data source (``__len__``, ``__getitem__``, plus ``close``) whose
+items are `RawRecord`s: a record exactly as stored, not yet checked, so that reading never fails for bad
+data. `decode_record` turns one into turns and image sources; it runs inside the pipeline's encode step,
+and raises `BadRecordError` / `BadImageError` for a malformed record, which the bad-record policy then
+skips or reports under the record's origin (file and line or index).
 
 Readers (open files, ArrayRecord readers, TFDS sources) are created lazily in each process and are not
 pickled, so sources can be sent to grain's worker processes cheaply.
@@ -15,7 +16,8 @@ import json
 import os
 import struct
 import threading
-from typing import Any, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -26,22 +28,45 @@ from .images import ImageSource
 SOURCE_KINDS = ("llava_json", "array_record", "tfds")
 
 
+class Unpacked(NamedTuple):
+    """A stored record taken apart: the LLaVA-format record and the images stored with it."""
+
+    record: bytes  # the LLaVA-format record, JSON-encoded
+    images: Mapping[str, ImageSource | None]  # see RawRecord.images
+    origin: str | None = None  # where the record was first read from (a prepared file's source line)
+
+
 @dataclasses.dataclass(frozen=True)
 class RawRecord:
-    """One record as read from its source."""
+    """One record as read from its source, not yet checked."""
 
     origin: str  # e.g. "train.jsonl line 12": every error about this record starts with it
-    record: bytes  # the LLaVA-format record, JSON-encoded as read
+    data: Any  # the LLaVA-format record, JSON-encoded; with `unpack`, whatever the source stores
     image_root: str | None = None  # relative image paths are resolved against it
     # Images by the record's image reference: encoded bytes (ArrayRecord) or uint8 pixels (TFDS); None
-    # marks an image that was missing when the file was prepared.
-    embedded_images: Mapping[str, ImageSource | None] | None = None
+    # marks an image that was missing when the file was prepared. None: the images are files.
+    images: Mapping[str, ImageSource | None] | None = None
+    unpack: Callable[[Any], Unpacked] | None = None  # data -> Unpacked; raises BadRecordError if it cannot
+
+    def unpacked(self) -> RawRecord:
+        """This record with `data` the LLaVA-format record (and `images` filled in); `BadRecordError`
+        if the stored record is damaged. Its origin says where a prepared record was first read from."""
+        if self.unpack is None:
+            return self
+        unpacked = self.unpack(self.data)
+        origin = self.origin if unpacked.origin is None else f"{self.origin} (prepared from {unpacked.origin})"
+        return RawRecord(origin, unpacked.record, self.image_root, unpacked.images)
 
 
 def decode_record(raw: RawRecord) -> tuple[list[Turn], list[tuple[str, ImageSource]]]:
-    """(turns, [(image name, image source), ...]) of a record; the image sources are not yet read."""
+    """(turns, [(image name, image source), ...]) of a record; the image sources are not yet read.
+
+    Raises `BadRecordError` / `BadImageError` for a malformed record; the messages say what is wrong,
+    ``raw.unpacked().origin`` says which record.
+    """
+    raw = raw.unpacked()
     try:
-        text = raw.record.decode("utf-8")
+        text = raw.data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecordError(f"the record is not valid UTF-8 ({e})", kind="bad_encoding") from None
     try:
@@ -51,8 +76,8 @@ def decode_record(raw: RawRecord) -> tuple[list[Turn], list[tuple[str, ImageSour
     turns, refs = turns_from_llava(record)
     images = []
     for ref in refs:
-        if raw.embedded_images is not None:
-            data = raw.embedded_images.get(ref)
+        if raw.images is not None:
+            data = raw.images.get(ref)
             if data is None:
                 raise BadImageError(f"image {ref!r} was missing when this file was prepared", kind="missing_image")
             images.append((ref, data))
@@ -71,6 +96,8 @@ def _join(root: str, ref: str) -> str:
 
 # ----------------------------------------------------------------------------------------- LLaVA JSON / JSONL
 
+_WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)  # what bytes.strip() strips
+
 
 class JsonlSource:
     """A LLaVA-format JSON Lines file: one record per non-blank line, read by byte offset."""
@@ -87,12 +114,19 @@ class JsonlSource:
         ends = np.flatnonzero(buf == ord("\n"))
         if len(buf) and buf[-1] != ord("\n"):
             ends = np.append(ends, len(buf))
-        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-        # Blank lines (a trailing newline, spacing) are not records.
-        keep = np.array([data[s:e].strip() != b"" for s, e in zip(starts, ends)], dtype=bool)
-        self._starts, self._ends = starts[keep], ends[keep].astype(np.int64)
+        starts = np.concatenate([[0], ends + 1])[:len(ends)]
+        # Blank lines (a trailing newline, spacing) are not records. A line that starts with a
+        # non-space byte is not blank; only the few others are looked at one by one.
+        keep = (starts < ends) & ~np.isin(buf[np.minimum(starts, len(buf) - 1)], _WHITESPACE)
+        for i in np.flatnonzero(~keep):
+            keep[i] = data[starts[i]:ends[i]].strip() != b""
+        self._starts, self._ends = starts[keep].astype(np.int64), ends[keep].astype(np.int64)
         self._line_numbers = np.flatnonzero(keep) + 1
+        self._init_files()
+
+    def _init_files(self) -> None:
         self._local = threading.local()  # one open file per reading thread: seek + read is not atomic
+        self._files, self._lock = [], threading.Lock()  # all of them, for close()
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -104,17 +138,29 @@ class JsonlSource:
             from etils import epath
 
             file = self._local.file = epath.Path(self.path).open("rb")
+            with self._lock:
+                self._files.append(file)
         file.seek(start)
         line = file.read(end - start)
         return RawRecord(f"{self.path} line {self._line_numbers[index]}", line, image_root=self.image_root)
 
+    def close(self) -> None:
+        """Closes the files opened so far (reading again opens new ones)."""
+        with self._lock:
+            files, self._files = self._files, []
+            self._local = threading.local()
+        for file in files:
+            file.close()
+
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["_local"]
+        for key in ("_local", "_files", "_lock"):
+            del state[key]
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _local=threading.local())
+        self.__dict__.update(state)
+        self._init_files()
 
 
 class JsonSource:
@@ -141,6 +187,9 @@ class JsonSource:
 
     def __getitem__(self, index: int) -> RawRecord:
         return RawRecord(f"{self.path} record {index}", self._records[index], image_root=self.image_root)
+
+    def close(self) -> None:
+        pass  # nothing open
 
 
 def open_llava(path: str, image_root: str | None = None) -> JsonlSource | JsonSource:
@@ -170,22 +219,28 @@ def pack_record(origin: str, record: bytes, images: Sequence[tuple[str, bytes | 
     return b"".join(parts)
 
 
-def unpack_record(blob: bytes, where: str) -> RawRecord:
-    if blob[:4] != _MAGIC:
-        raise DataError(f"{where} is not a wings_jax record (made by python -m wings_jax.data.prepare?)")
-    (header_len,) = struct.unpack("<I", blob[4:8])
-    header = json.loads(blob[8:8 + header_len].decode("utf-8"))
-    pos = 8 + header_len
-    record = blob[pos:pos + header["record"]]
-    pos += header["record"]
-    images = {}
-    for ref, size in header["images"]:
-        if size < 0:
-            images[ref] = None
-        else:
-            images[ref] = blob[pos:pos + size]
-            pos += size
-    return RawRecord(f"{header['origin']} (from {where})", record, embedded_images=images)
+def unpack_record(blob: bytes) -> Unpacked:
+    """The inverse of `pack_record`; `BadRecordError` (kind 'corrupt_record') for anything else."""
+    try:
+        if blob[:4] != _MAGIC:
+            raise ValueError("it does not start with the mark of python -m wings_jax.data.prepare")
+        (header_len,) = struct.unpack_from("<I", blob, 4)
+        header = json.loads(blob[8:8 + header_len])
+        refs = [ref for ref, _ in header["images"]]
+        sizes = [header["record"]] + [size for _, size in header["images"]]
+        if not all(isinstance(size, int) and size >= -1 for size in sizes) or sizes[0] < 0:
+            raise ValueError(f"bad sizes {sizes} in its header")
+        parts, pos = [], 8 + header_len
+        for size in sizes:
+            parts.append(None if size < 0 else blob[pos:pos + size])
+            pos += max(size, 0)
+        if pos != len(blob):
+            raise ValueError(f"its header accounts for {pos} bytes, but it has {len(blob)}")
+        origin = str(header["origin"])
+    except (ValueError, KeyError, TypeError, struct.error) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise BadRecordError(f"not a readable wings_jax record ({type(e).__name__}: {e}); the file is damaged "
+                             "or was not made by python -m wings_jax.data.prepare", kind="corrupt_record") from None
+    return Unpacked(parts[0], dict(zip(refs, parts[1:])), origin)
 
 
 def array_record_paths(path: str) -> list[str]:
@@ -204,31 +259,29 @@ def array_record_paths(path: str) -> list[str]:
 
 
 class ArrayRecordSource:
-    """Records written by ``python -m wings_jax.data.prepare`` (image bytes embedded)."""
+    """Records written by ``python -m wings_jax.data.prepare`` (image bytes embedded), from one file or shards."""
 
     def __init__(self, path: str):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
         self.paths = array_record_paths(path)
-        self.name = self.paths[0] if len(self.paths) == 1 else f"{path} ({len(self.paths)} shards)"
-        self._reader = None
-        self._length = len(self._open())
-
-    def _open(self):
-        if self._reader is None:
-            from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-            self._reader = ArrayRecordDataSource(self.paths)
-        return self._reader
+        # One reader per file, so that a record's origin names its file. Each counts its records here;
+        # pickled copies (grain's workers) keep the counts and open their files lazily.
+        with ThreadPoolExecutor(min(16, len(self.paths))) as pool:
+            self._files = list(pool.map(ArrayRecordDataSource, self.paths))
+        self._ends = np.cumsum([len(f) for f in self._files])
 
     def __len__(self) -> int:
-        return self._length
+        return int(self._ends[-1])
 
     def __getitem__(self, index: int) -> RawRecord:
-        return unpack_record(self._open()[index], f"{self.name} record {index}")
+        k = int(np.searchsorted(self._ends, index, side="right"))
+        position = index - (int(self._ends[k - 1]) if k else 0)
+        return RawRecord(f"{self.paths[k]} record {position}", self._files[k][position], unpack=unpack_record)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_reader"] = None
-        return state
+    def close(self) -> None:
+        for file in self._files:
+            file.__exit__(None, None, None)  # closes its reader; reading again reopens it
 
 
 # ---------------------------------------------------------------------------------------------------- TFDS
@@ -239,8 +292,8 @@ class TfdsSource:
 
     Its features must hold the conversation as LLaVA-format JSON text under ``conversations_key`` (a Text
     feature) and, optionally, images under ``image_key`` (an Image feature, or a Sequence of them), bound
-    in order to the conversation's ``<image>`` placeholders. TFDS decodes the images (PIL); we take its
-    uint8 pixels from there.
+    in order to the conversation's ``<image>`` placeholders. Examples are read as stored and decoded by
+    `unpack` (TFDS decodes the images with PIL; we take its uint8 pixels from there).
     """
 
     def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,
@@ -254,28 +307,40 @@ class TfdsSource:
         if self._source is None:
             import tensorflow_datasets as tfds
 
-            self._source = tfds.builder(self.name, data_dir=self.data_dir).as_data_source(split=self.split)
+            builder = tfds.builder(self.name, data_dir=self.data_dir)
+            self._source = builder.as_data_source(
+                split=self.split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return self._source
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> RawRecord:
-        example = self._open()[index]
-        origin = f"tfds {self.name} split {self.split} example {index}"
+        return RawRecord(f"tfds {self.name} split {self.split} example {index}", self._open()[index],
+                         unpack=self.unpack)
+
+    def unpack(self, serialized: bytes) -> Unpacked:
+        try:
+            example = self._open().dataset_info.features.deserialize_example_np(serialized)
+        except Exception as e:  # noqa: BLE001  (whatever TFDS's decoders raise for a damaged example or image)
+            raise BadRecordError(f"cannot decode the TFDS example ({type(e).__name__}: {e})",
+                                 kind="bad_example") from None
         conversations = example.get(self.conversations_key)
         if not isinstance(conversations, bytes):
-            raise DataError(f"{origin}: feature {self.conversations_key!r} must be a Text feature holding the "
-                            f"LLaVA-format conversation as JSON, got {type(conversations).__name__}; set "
-                            "data.sources[*].conversations_key")
+            raise BadRecordError(
+                f"feature {self.conversations_key!r} must be a Text feature holding the LLaVA-format "
+                f"conversation as JSON, got {type(conversations).__name__}; set data.sources[*].conversations_key",
+                kind="bad_example")
         images = example.get(self.image_key, [])
         if isinstance(images, np.ndarray) and images.ndim <= 3:
             images = [images]  # a single Image feature
         refs = [f"{self.image_key}[{i}]" for i in range(len(images))]
-        # The JSON text is spliced in undecoded, so that a broken field fails in decode_record, as a
-        # broken line of a JSONL file does.
+        # The JSON text is spliced in undecoded, so that a broken field fails as a broken JSONL line does.
         record = b'{"image": ' + json.dumps(refs).encode() + b', "conversations": ' + conversations + b"}"
-        return RawRecord(origin, record, embedded_images=dict(zip(refs, images)))
+        return Unpacked(record, dict(zip(refs, images)))
+
+    def close(self) -> None:
+        self._source = None  # its readers close when it is collected; reading again reopens it
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -285,8 +350,10 @@ class TfdsSource:
 
 # ------------------------------------------------------------------------------------------------- factory
 
+Source = Union[JsonlSource, JsonSource, ArrayRecordSource, TfdsSource]
 
-def open_source(cfg: Mapping[str, Any]):
+
+def open_source(cfg: Mapping[str, Any]) -> Source:
     """Opens one ``data.sources`` entry (see `pipeline.source_config`)."""
     kind = cfg["kind"]
     if kind == "llava_json":

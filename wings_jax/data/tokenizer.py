@@ -7,8 +7,13 @@ fraction of a second on a built-in text. Its special tokens come last in the voc
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import TYPE_CHECKING
 
 from .constants import ENDOFTEXT, IM_END, IM_START
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Qwen2's pre-tokenization: contractions, letter runs (with one leading non-letter), single digits,
 # punctuation runs, newline runs, other whitespace.
@@ -50,7 +55,7 @@ The model reads the image and the text, then it writes an answer. Thank you! You
 """
 
 
-def build_local_qwen_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
+def build_local_qwen_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> PreTrainedTokenizerBase:
     """Trains a small byte-level BPE tokenizer with Qwen's special tokens and chat template.
 
     Saves it to ``out_dir`` (loadable with ``transformers.AutoTokenizer.from_pretrained(out_dir)``)
@@ -94,18 +99,40 @@ def build_local_qwen_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Loads a Hugging Face tokenizer directory (local files only; nothing is downloaded)."""
-    from transformers import AutoTokenizer
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Loads a Hugging Face tokenizer directory, local or remote (``gs://...``); nothing is downloaded
+    from the Hugging Face Hub.
+
+    transformers reads local files only, so the tokenizer files of a remote directory (not its weights)
+    are first copied into a temporary local directory.
+    """
+    from etils import epath
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {path!r} does not exist; point data.tokenizer at a directory with "
             "tokenizer.json / tokenizer_config.json (e.g. one made by build_local_qwen_tokenizer, or the "
             "LLM checkpoint's directory)"
         )
+    if not _is_remote(path):
+        return _load_local(path, path)
+    from ..convert.hf_io import TOKENIZER_FILES, copy_tokenizer_files  # numpy and safetensors, no JAX
+
+    with tempfile.TemporaryDirectory(prefix="wings_jax_tokenizer_") as local:
+        if not copy_tokenizer_files(path, local):
+            raise FileNotFoundError(f"tokenizer directory {path!r} holds none of {', '.join(TOKENIZER_FILES)}")
+        return _load_local(local, path)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _load_local(local: str, shown: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot load a tokenizer from {path!r}: {e}") from e
+        raise FileNotFoundError(f"cannot load a tokenizer from {shown!r}: {e}") from e
