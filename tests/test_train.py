@@ -247,3 +247,21 @@ def test_init_from_a_workdir_is_separate_from_resuming(demo_data, tmp_path):
     wrong.init_from = first
     with pytest.raises(ConfigError, match="differs from init_from"):
         plan(wrong, _single_device_mesh())
+
+
+def test_a_text_only_model_trains_on_text_data(demo_data, tmp_path):
+    """A model without a vision tower: no image slots in the batch, text-only records."""
+    cfg = _config(demo_data, "train.steps=2", "checkpoint.every=100", "data.max_images=0")
+    cfg.unlock()
+    cfg.model.vision = {}
+    cfg.demo_data.dir = ""
+    demo = ensure_demo_dataset(demo_data, num_records=128)
+    cfg.data.sources = demo.source_configs()[1:]  # the text-only file
+    cfg.data.tokenizer = demo.tokenizer_dir
+    cfg.optim.groups = {k: v for k, v in cfg.optim.groups.to_dict().items() if k != "projector"}
+    cfg.lock()
+    result = train(cfg, str(tmp_path / "text"), mesh=_single_device_mesh())
+    losses = _losses(str(tmp_path / "text"))
+    assert result["step"] == 2 and all(np.isfinite(losses[s]) for s in (1, 2))
+    model, _ = load_model(str(tmp_path / "text"))
+    assert model.vision is None

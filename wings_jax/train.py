@@ -172,13 +172,9 @@ def _initial_params(p: Plan, seed: int) -> tuple[Any, Any]:
 
 def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """Assembles each host's rows into global arrays laid out as the plan says."""
-    out = {}
-    for key, spec in shapes.items():
-        local = host_batch[key]
-        if key == "images" and local.shape[2:] != spec.shape[2:]:  # a model without a tower gets no pixels
-            local = np.zeros((*local.shape[:2], *spec.shape[2:]), spec.dtype)
-        out[key] = jax.make_array_from_process_local_data(spec.sharding, np.asarray(local, spec.dtype), spec.shape)
-    return out
+    return {key: jax.make_array_from_process_local_data(spec.sharding, np.asarray(host_batch[key], spec.dtype),
+                                                        spec.shape)
+            for key, spec in shapes.items()}
 
 
 def _all_processes(state: dict) -> list[dict]:
