@@ -31,6 +31,7 @@ from wings_jax import sharding
 from wings_jax.config import ConfigError, load_config, parse_command_line
 from wings_jax.convert import checkpoint
 from wings_jax.convert.hf_io import copy_tokenizer_files
+from wings_jax.data.assemble import batch_spec
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
@@ -112,15 +113,9 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     abstract_opt = _with_shardings(opt_shapes, opt_sh)
 
     b, d = cfg.train.global_batch_size, cfg.data
-    image = model_cfg.vision.image_size if model_cfg.vision else 1
-    shapes = {
-        "tokens": ((b, d.max_len), jnp.int32), "labels": ((b, d.max_len), jnp.int32),
-        "positions": ((b, d.max_len), jnp.int32), "segment_ids": ((b, d.max_len), jnp.int32),
-        "text_mask": ((b, d.max_len), jnp.bool_), "images": ((b, d.max_images, image, image, 3), jnp.float32),
-        "image_mask": ((b, d.max_images), jnp.bool_),
-    }
+    image = model_cfg.vision.image_size if model_cfg.vision else 1  # the pipeline's 1x1 stand-in without a tower
     batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
-                    for k, (s, t) in shapes.items()}
+                    for k, (s, t) in batch_spec(b, d.max_len, d.max_images, image).items()}
 
     step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
                            loss_chunk=min(cfg.train.loss_chunk, d.max_len), mesh=mesh, rules=rules)

@@ -18,7 +18,20 @@ from .images import ImageSource, normalize, preprocess_image
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "text_mask", "images", "image_mask")
+
+
+def batch_spec(batch_size: int, max_len: int, max_images: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of every key of the batch the model reads (docs/architecture.md)."""
+    tokens = (batch_size, max_len)
+    return {
+        "tokens": (tokens, np.int32), "labels": (tokens, np.int32), "positions": (tokens, np.int32),
+        "segment_ids": (tokens, np.int32), "text_mask": (tokens, np.bool_),
+        "images": ((batch_size, max_images, image_size, image_size, 3), np.float32),
+        "image_mask": ((batch_size, max_images), np.bool_),
+    }
+
+
+BATCH_KEYS = tuple(batch_spec(1, 1, 1, 1))
 
 
 def truncation_point(length: int, image_starts: Sequence[int], tokens_per_image: int, max_len: int,
