@@ -52,7 +52,7 @@ def synthetic_batch(b: int, length: int, image_size: int, tokens_per_image: int,
     return {
         "tokens": tokens, "labels": labels, "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)),
         "segment_ids": np.ones((b, length), np.int32), "text_mask": tokens != IMAGE_TOKEN_ID,
-        "images": rng.uniform(-1, 1, (b, 1, image_size, image_size, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, (b, 1, image_size, image_size, 3), dtype=np.uint8),
         "image_mask": np.ones((b, 1), bool),
     }
 

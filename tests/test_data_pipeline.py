@@ -22,7 +22,6 @@ from wings_jax.data import (
     build_local_qwen_tokenizer,
     default_data_config,
     make_data_iterator,
-    normalize,
     source_config,
 )
 from wings_jax.data.assemble import truncation_point
@@ -172,7 +171,7 @@ def test_row_layout(tmp_path, tok):
         assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (2, 96)
         assert batch["labels"].dtype == np.int32 and batch["positions"].dtype == np.int32
         assert batch["segment_ids"].dtype == np.int32 and batch["text_mask"].dtype == bool
-        assert batch["images"].dtype == np.float32 and batch["images"].shape == (2, 2, S, S, 3)
+        assert batch["images"].dtype == np.uint8 and batch["images"].shape == (2, 2, S, S, 3)
         assert batch["image_mask"].dtype == bool and batch["image_mask"].shape == (2, 2)
         for r in range(2):
             example = encoder(source[2 * b + r])
@@ -185,7 +184,7 @@ def test_row_layout(tmp_path, tok):
             assert (batch["labels"][r, n:] == IGNORE_ID).all() and not batch["text_mask"][r, n:].any()
             k = len(example["images"])
             assert batch["image_mask"][r].tolist() == [True] * k + [False] * (2 - k)
-            np.testing.assert_allclose(batch["images"][r, :k], normalize(example["images"]), atol=1e-6)
+            np.testing.assert_array_equal(batch["images"][r, :k], example["images"])
             assert (batch["images"][r, k:] == 0).all()
 
 
@@ -216,8 +215,7 @@ def test_packing(tmp_path, tok):
             assert batch["positions"][0, sl].tolist() == list(range(sl.stop - sl.start))
             # The k-th valid image of the row belongs to the k-th image run of the row.
             k = len(example["images"])
-            np.testing.assert_allclose(row_images[next_image:next_image + k], normalize(example["images"]),
-                                       atol=1e-6)
+            np.testing.assert_array_equal(row_images[next_image:next_image + k], example["images"])
             next_image += k
             seen.append(i)
         assert next_image == len(row_images)
@@ -539,8 +537,7 @@ def test_tfds_source(tmp_path, tok):
         i = _record_number(tok, b["tokens"][r])
         assert b["image_mask"][r].sum() == i % 3
         for k in range(i % 3):
-            expected = np.asarray(_colour(i + 100 * k), np.float32) * (2 / 255) - 1
-            np.testing.assert_allclose(b["images"][r, k, S // 2, S // 2], expected, atol=1e-5)
+            np.testing.assert_array_equal(b["images"][r, k, S // 2, S // 2], _colour(i + 100 * k))
     # A feature that is not there: a bad record under the policy, named by its example.
     cfg.sources = [source_config("tfds", "tiny_conversations", data_dir=str(data_dir), conversations_key="chat")]
     message = r"tfds tiny_conversations split train example \d+: feature 'chat'"
@@ -590,7 +587,7 @@ def test_model_without_vision_tower(tmp_path, tok, packing):
     batches = _take(it)
     assert batches
     for batch in batches:
-        assert batch["images"].shape == (2, 0, 1, 1, 3) and batch["images"].dtype == np.float32
+        assert batch["images"].shape == (2, 0, 1, 1, 3) and batch["images"].dtype == np.uint8
         assert batch["image_mask"].shape == (2, 0) and batch["image_mask"].dtype == bool
         assert not (batch["tokens"] == IMAGE_TOKEN_ID).any()
     seen = sorted(_record_number(tok, b["tokens"][r, sl]) for b in batches for r, _, sl in _segments(b))
@@ -626,8 +623,7 @@ def test_demo_dataset(tmp_path):
             if batch["image_mask"][r, 0]:
                 # The answer names a colour of the image, so it is learnable from the pixels.
                 colour = re.search(r"It is (\w+)\.", answer).group(1)
-                rgb = np.asarray(COLOURS[colour], np.float32) * (2 / 255) - 1
-                close = np.abs(batch["images"][r, 0] - rgb).max(axis=-1) < 0.1
+                close = np.abs(batch["images"][r, 0].astype(int) - COLOURS[colour]).max(axis=-1) < 13
                 assert close.mean() > 0.2
 
 

@@ -92,6 +92,14 @@ def test_scores_and_accuracy(setup, capsys):
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         expected.append(sum(logp[t - 1, row.tokens[t]] for t in span))
     np.testing.assert_allclose(np.concatenate(scores[1:] + scores[:1]), expected, rtol=1e-5, atol=1e-4)
+    # Per-token scores: the same sums over the options' token counts (which differ: "apple" vs "river" etc.).
+    means = score_options(model, tokenizer, questions, batch_size=4, progress=False, score="mean")
+    lengths = [len(span) for span in spans]
+    assert len(set(lengths)) > 1
+    np.testing.assert_allclose(np.concatenate(means[1:] + means[:1]), np.asarray(expected) / lengths,
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="score must be one of"):
+        score_options(model, tokenizer, questions, score="max")
 
     preferred = [int(np.argmax(s)) for s in scores]
     data = write_jsonl(root / "right.jsonl", _answer_formats(RECORDS, preferred))

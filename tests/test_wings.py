@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
+from wings_jax.data.images import normalize
 from wings_jax.model.qwen import Qwen2, Runtime
 from wings_jax.params import flat_values, materialize
 
@@ -180,6 +181,17 @@ def test_precomputed_image_features_match_pixels(model):
     precomputed = {k: v for k, v in batch.items() if k != "images"}
     precomputed["image_features"] = features
     np.testing.assert_allclose(np.asarray(model(precomputed)), np.asarray(model(batch)), atol=1e-6)
+
+
+def test_uint8_pixels_are_normalised_on_the_device(model):
+    """The pipeline sends uint8 pixels; the model's result equals that of the same pixels normalised on the host."""
+    batch = make_batch([ROWS["two_images"]], T, SIZE, 24, seed=5)
+    pixels = np.random.default_rng(5).integers(0, 256, batch["images"].shape, dtype=np.uint8)
+    as_uint8 = {**batch, "images": pixels}
+    as_float = {**batch, "images": normalize(pixels)}
+    assert as_float["images"].dtype == np.float32 and as_float["images"].min() < -0.99
+    np.testing.assert_allclose(np.asarray(model(jnp_batch(as_uint8))), np.asarray(model(jnp_batch(as_float))),
+                               atol=1e-6)
 
 
 def test_image_order_follows_validity_mask(model):

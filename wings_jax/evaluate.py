@@ -1,6 +1,7 @@
 """Multiple-choice evaluation by option log-likelihood (e.g. text-only retention: MMLU-style questions).
 
-    python -m wings_jax.evaluate --ckpt CKPT --data questions.jsonl [--batch-size 8] [--output results.json]
+    python -m wings_jax.evaluate --ckpt CKPT --data questions.jsonl [--batch-size 8] [--score sum|mean]
+                                 [--output results.json]
 
 One JSON object per line::
 
@@ -8,8 +9,8 @@ One JSON object per line::
      option's text, or a 0-based index into a list), "image": "img.png" (optional, relative to the file's
      directory), "subject": "..." (optional), "id": ... (optional)}
 
-Each option is scored by the sum of the log-probabilities of its tokens after the generation prompt of
-the question (ChatML, the question as the user turn, ``<image>`` first if there is an image), exactly as
+Each option is scored by the sum (``--score mean``: the mean) of the log-probabilities of its tokens
+after the generation prompt of the question (ChatML, the question as the user turn, ``<image>`` first if there is an image), exactly as
 the model would have to write it. The prediction is the best-scoring option. (question, option) rows run
 through the teacher-forced forward in batches of fixed size, padded to bucketed lengths, so few shapes
 are ever compiled; only the positions that predict option tokens are projected onto the vocabulary, and a
@@ -176,9 +177,15 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
                                   text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)])), len(ids)
 
 
+SCORES = ("sum", "mean")
+
+
 def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
-                  batch_size: int = 8, progress: bool = True) -> list[np.ndarray]:
-    """Log-likelihood of every option of every question (one array per question)."""
+                  batch_size: int = 8, progress: bool = True, score: str = "sum") -> list[np.ndarray]:
+    """Log-likelihood of every option of every question (one array per question): the sum over the option's
+    tokens (``score='sum'``), or their mean (``'mean'``, which does not favour options of fewer tokens)."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     with_image = next((q for q in questions if q.image), None)
@@ -190,7 +197,8 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
               file=sys.stderr) as bar:
         for chunk in _chunks(_rows(Decoder(model), tokenizer, questions), batch_size):
             batch, scored = _score_batch(chunk, batch_size)
-            scores.extend(np.asarray(_option_scores(graphdef, state, batch, *scored))[:len(chunk)].tolist())
+            sums = np.asarray(_option_scores(graphdef, state, batch, *scored))[:len(chunk)]
+            scores.extend((sums / [k for _, k in chunk] if score == "mean" else sums).tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])
     return [np.asarray(scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -245,8 +253,8 @@ def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray])
 
 
 def evaluate(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question],
-             batch_size: int = 8, progress: bool = True) -> dict:
-    return accuracy_report(questions, score_options(model, tokenizer, questions, batch_size, progress))
+             batch_size: int = 8, progress: bool = True, score: str = "sum") -> dict:
+    return accuracy_report(questions, score_options(model, tokenizer, questions, batch_size, progress, score))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,6 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="(question, option) rows per forward (memory: batch x longest option x vocab float32 "
                         "logits)")
+    p.add_argument("--score", choices=SCORES, default="sum",
+                   help="an option's score: the sum of its tokens' log-likelihoods, or their mean (per token)")
     p.add_argument("--output", help="also write the results here (JSON)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return p
@@ -267,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         questions = read_questions(args.data)  # every record is checked before the model is loaded
         model, tokenizer = load_for_inference(args.ckpt, args.dtype)
-        results = evaluate(model, tokenizer, questions, args.batch_size)
+        results = evaluate(model, tokenizer, questions, args.batch_size, score=args.score)
     except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 An *example* is one conversation ready for batching:
     {'tokens': int32 (n,), 'labels': int32 (n,), 'text_mask': bool (n,), 'images': uint8 (k, S, S, 3)}
 with n <= max_len and k <= max_images. A *row* has the keys of the batch contract (docs/architecture.md)
-at fixed shapes, images still uint8; `finalize_batch` turns stacked rows into the batch the model reads.
+at fixed shapes; stacked rows are the batch the model reads (images stay uint8, normalised on the device).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter, EncodedConversation, TurnLike
-from .images import ImageSource, normalize, preprocess_image
+from .images import ImageSource, preprocess_image
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,7 +26,7 @@ def batch_spec(batch_size: int, max_len: int, max_images: int, image_size: int) 
     return {
         "tokens": (tokens, np.int32), "labels": (tokens, np.int32), "positions": (tokens, np.int32),
         "segment_ids": (tokens, np.int32), "text_mask": (tokens, np.bool_),
-        "images": ((batch_size, max_images, image_size, image_size, 3), np.float32),
+        "images": ((batch_size, max_images, image_size, image_size, 3), np.uint8),
         "image_mask": ((batch_size, max_images), np.bool_),
     }
 
@@ -105,15 +105,6 @@ def row_from_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "images": packed["images"],
         "image_mask": packed["images_segment_ids"] > 0,
     }
-
-
-def finalize_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stacked rows -> the batch: images normalised to float32, exactly zero in unused slots."""
-    batch = dict(rows)
-    images = normalize(rows["images"])
-    images[~rows["image_mask"]] = 0.0
-    batch["images"] = images
-    return batch
 
 
 class Prompt(NamedTuple):

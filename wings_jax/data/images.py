@@ -11,7 +11,8 @@
 
 The values equal `transformers.SiglipImageProcessor(size={'height': S, 'width': S}, resample=BICUBIC)`
 applied to the padded RGB image (to float32 rounding). The training pipeline runs the first two steps in
-its workers and `normalize` on whole batches, so only uint8 pixels travel between processes.
+its workers and the model runs `normalize` on the device, so only uint8 pixels travel between processes
+and to the accelerator.
 
 EXIF orientation is not applied, as in the original Wings code and in transformers.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
+from typing import TypeVar, Union
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,8 @@ PAD_COLOUR = (127, 127, 127)
 ASPECT_MODES = ("pad", "resize")
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+ArrayT = TypeVar("ArrayT")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -83,13 +86,10 @@ def to_square_pixels(image: Image.Image, image_size: int, aspect: str = "pad") -
     return np.asarray(image, dtype=np.uint8)
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels (any leading shape) -> float32 ``(x / 255 - 0.5) / 0.5``."""
-    # One fused multiply-add instead of rescale-then-normalise; equal to float32 rounding.
-    out = pixels.astype(np.float32)
-    out *= np.float32(2.0 / 255.0)
-    out -= np.float32(1.0)
-    return out
+def normalize(pixels: ArrayT) -> ArrayT:
+    """uint8 pixels (any leading shape; numpy, or jax on the device) -> float32 ``(x / 255 - 0.5) / 0.5``."""
+    # One multiply-add instead of rescale-then-normalise; equal to float32 rounding.
+    return pixels.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
 def preprocess_image(source: ImageSource, image_size: int, aspect: str = "pad", *,

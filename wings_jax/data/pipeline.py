@@ -8,7 +8,7 @@ Stages, per host::
     encode: parse, ChatML tokens, truncation, image decode + pad + resize (uint8)   (worker processes)
     bad-record policy ('error' | 'skip', max_bad_fraction)                            (main process)
     one conversation per row (right padding), or first-fit packing of several     (main process)
-    batch of global_batch_size // process_count rows, images normalised to float32
+    batch of global_batch_size // process_count rows, images uint8 (normalised on the device)
 
 Every host walks the same global stream and reads only its own rows of each global batch, so
 without packing the global batch (the hosts' rows side by side) does not depend on the number of
@@ -314,7 +314,7 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     else:
         max_len, max_images = cfg["max_len"], cfg["max_images"]
         it = it.map(lambda example: assemble.pad_row(example, max_len, max_images))
-    it = it.batch(rows, drop_remainder=True).map(assemble.finalize_batch)
+    it = it.batch(rows, drop_remainder=True)
 
     return DataIterator(it, stats, _fingerprint(cfg, image_size, tokens_per_image, global_batch_size,
                                                 process_index, process_count, len(tokenizer)), sources)
