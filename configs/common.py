@@ -1,5 +1,8 @@
 """Full-size architectures and data options shared by the original Wings recipes (spec section 6)."""
+import ml_collections
+
 from wings_jax.data.pipeline import source_config
+from wings_jax.training.run_config import base_config
 
 # Qwen1.5-7B-Chat
 QWEN15_7B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -8,6 +11,18 @@ QWEN15_7B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=11008, n
 # SigLIP so400m-patch14-384 with its last encoder layer dropped (Wings' feature layer): 729 tokens per image
 SO400M = dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
               layer_norm_eps=1e-6)
+
+
+def full_size_config(stage: str) -> ml_collections.ConfigDict:
+    """Qwen1.5-7B-Chat + so400m for ``stage``, 2048-token rows with one image, bf16 compute on fp32 weights, remat
+    full; each recipe adds its data, schedule, groups and mesh."""
+    c = base_config()
+    c.model.llm.update(QWEN15_7B)
+    c.model.vision.update(SO400M)
+    c.model.wings.update(dict(stage=stage, lora_rank=64, router_max_len=4096))
+    c.data.update(dict(max_len=2048, max_images=1, worker_count=8))
+    c.runtime.update(dict(dtype="bfloat16", param_dtype="float32", remat="full", attention="xla"))
+    return c
 
 
 def sources_from_arg(arg: str | None, names: tuple[str, ...], weights: dict[str, float]) -> list:

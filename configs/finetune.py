@@ -15,24 +15,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import QWEN15_7B, SO400M, sources_from_arg  # noqa: E402
+from common import full_size_config, sources_from_arg  # noqa: E402
 
-from wings_jax.training.run_config import FINETUNE_GROUPS, base_config  # noqa: E402
+from wings_jax.training.run_config import FINETUNE_GROUPS  # noqa: E402
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
-    c.model.llm.update(QWEN15_7B)
-    c.model.vision.update(SO400M)
-    c.model.wings.update(dict(stage="finetune", lora_rank=64, router_max_len=4096))
+    c = full_size_config("finetune")
     c.data.sources = sources_from_arg(arg, ("main", "text"), {"main": 3.0, "text": 1.0})
-    c.data.max_len = 2048
-    c.data.max_images = 1
-    c.data.worker_count = 8
     c.train.update(dict(steps=10_400, global_batch_size=64, grad_accum=1, loss_chunk=512, log_every=10))
     c.optim.groups = FINETUNE_GROUPS
     c.optim.weight_decay = 1e-8
-    c.runtime.update(dict(dtype="bfloat16", param_dtype="float32", remat="full", attention="xla"))
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.checkpoint.update(dict(every=1000, keep=2))
     return c
