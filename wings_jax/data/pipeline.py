@@ -134,27 +134,32 @@ class BadRecordStats:
         self.skipped: collections.Counter[str] = collections.Counter()
 
 
+@dataclasses.dataclass(frozen=True)
+class _BadRecordPolicy:
+    """What to do with bad records (``data.bad_record_policy`` and its limits), and the counts so far."""
+
+    policy: str  # 'error' | 'skip'
+    max_bad_fraction: float
+    min_seen: int
+    stats: BadRecordStats
+
+
 class _BadRecordPolicyDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, stats: BadRecordStats, policy: str, max_bad_fraction: float,
-                 min_seen: int):
+    def __init__(self, parent: grain.IterDataset, rules: _BadRecordPolicy):
         super().__init__(parent)
-        self._stats_holder, self._policy = stats, policy
-        self._max_bad_fraction, self._min_seen = max_bad_fraction, min_seen
+        self._rules = rules
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _BadRecordPolicyIterator(self._parent.__iter__(), self._stats_holder, self._policy,
-                                        self._max_bad_fraction, self._min_seen)
+        return _BadRecordPolicyIterator(self._parent.__iter__(), self._rules)
 
     def __str__(self) -> str:
-        return f"BadRecordPolicy({self._policy})"
+        return f"BadRecordPolicy({self._rules.policy})"
 
 
 class _BadRecordPolicyIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, stats: BadRecordStats, policy: str, max_bad_fraction: float,
-                 min_seen: int):
+    def __init__(self, parent: grain.DatasetIterator, rules: _BadRecordPolicy):
         super().__init__(parent)
-        self._counts, self._policy = stats, policy
-        self._max_bad_fraction, self._min_seen = max_bad_fraction, min_seen
+        self._rules, self._counts = rules, rules.stats
 
     def __next__(self):
         while True:
@@ -166,7 +171,7 @@ class _BadRecordPolicyIterator(grain.DatasetIterator):
             self._counts.seen += 1
             if not isinstance(element, BadRecord):
                 return element
-            if self._policy == "error":
+            if self._rules.policy == "error":
                 raise BadRecordError(
                     f"{element.origin}: {element.message}\n(data.bad_record_policy='error'; fix the record, or set "
                     "data.bad_record_policy='skip' to skip such records)", kind=element.kind)
@@ -179,11 +184,11 @@ class _BadRecordPolicyIterator(grain.DatasetIterator):
 
     def _check_fraction(self, at_end: bool) -> None:
         total, seen = sum(self._counts.skipped.values()), self._counts.seen
-        if seen and (at_end or seen >= self._min_seen) and total > self._max_bad_fraction * seen:
+        if seen and (at_end or seen >= self._rules.min_seen) and total > self._rules.max_bad_fraction * seen:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._counts.skipped.items()))
             raise DataError(
                 f"{total} of {seen} records were bad ({reasons}), more than data.max_bad_fraction="
-                f"{self._max_bad_fraction}; the warnings above name them. Fix the data or raise the limit.")
+                f"{self._rules.max_bad_fraction}; the warnings above name them. Fix the data or raise the limit.")
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "seen": self._counts.seen,
@@ -303,8 +308,8 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"],
                                                          per_worker_buffer_size=cfg["worker_buffer_size"]))
     stats = BadRecordStats()
-    it = _BadRecordPolicyDataset(it, stats, cfg["bad_record_policy"], cfg["max_bad_fraction"],
-                                 cfg["bad_fraction_min_seen"])
+    it = _BadRecordPolicyDataset(it, _BadRecordPolicy(cfg["bad_record_policy"], cfg["max_bad_fraction"],
+                                                      cfg["bad_fraction_min_seen"], stats))
     if cfg["packing"]:
         lengths, padding = assemble.packing_structs(cfg["max_len"], cfg["max_images"])
         it = grain.experimental.FirstFitPackIterDataset(
