@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from wings_jax import sharding
 from wings_jax.flops import PEAK_FLOPS, peak_flops_per_device
+from wings_jax.params import flatten_dict
 from wings_jax.train import plan
 
 GIB = 1024**3
@@ -345,8 +346,7 @@ def _shard_bytes(a: jax.ShapeDtypeStruct) -> int:
 def _representative(p: Any) -> list[dict[str, Any]]:
     out = []
     for trainable, tree in ((True, p.abstract_trainable), (False, p.abstract_frozen)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
+        for name, leaf in flatten_dict(tree).items():
             if name in REPRESENTATIVE_PARAMS:
                 out.append({"path": name, "shape": tuple(leaf.shape), "dtype": str(leaf.dtype),
                             "spec": str(leaf.sharding.spec), "trainable": trainable})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +194,7 @@ class _Steps(NamedTuple):
     extend: Callable
     recompute: Callable
     forward: Callable
+    option_scores: Callable
     vision: Callable
 
 
@@ -220,6 +221,13 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
     def forward(state, batch):
         return nnx.merge(graphdef, state)(batch).astype(jnp.float32)
 
+    def option_scores(state, batch, at, targets, valid):
+        model = nnx.merge(graphdef, state)
+        hidden = jnp.take_along_axis(model.hidden_states(batch), at[..., None], axis=1)
+        logits = model.llm.logits(hidden).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+
     def vision(state, images):
         b, i = images.shape[:2]
         feats = nnx.merge(graphdef, state).vision(images.reshape(b * i, *images.shape[2:]))
@@ -228,7 +236,8 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
     return _Steps(prefill=jax.jit(prefill, static_argnames=("max_length",)),
                   # the old cache is dead after a step: donating it lets XLA update it in place
                   extend=jax.jit(extend, donate_argnames=("cache",)),
-                  recompute=jax.jit(recompute), forward=jax.jit(forward), vision=jax.jit(vision))
+                  recompute=jax.jit(recompute), forward=jax.jit(forward), option_scores=jax.jit(option_scores),
+                  vision=jax.jit(vision))
 
 
 class Decoder:
@@ -249,6 +258,12 @@ class Decoder:
         check_length(self.cfg, max(lengths), "the prompt", "shorten it")
         out = np.asarray(self._steps.forward(self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
         return [row[:n] for row, n in zip(out, lengths)]
+
+    def option_scores(self, batch: Mapping[str, np.ndarray], at: np.ndarray, targets: np.ndarray,
+                      valid: np.ndarray) -> np.ndarray:
+        """Per row, the sum over k with ``valid[:, k]`` of log p(targets[:, k] | tokens[:at[:, k] + 1]): only the
+        (B, K) hidden states that predict those tokens are projected onto the vocabulary."""
+        return np.asarray(self._steps.option_scores(self.state, batch, at, targets, valid))
 
     def image_features(self, images: np.ndarray | jax.Array) -> jax.Array:
         """Tower outputs (B, I, T, D_vision) of pixels (B, I, S, S, 3). Batches that carry them as

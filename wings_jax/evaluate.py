@@ -21,17 +21,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import os
 import string
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from wings_jax.convert.hf_io import ConversionError
@@ -135,18 +131,6 @@ def _answer_index(answer: Any, keys: list[str], options: tuple[str, ...], where:
 # scoring
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _option_scores(graphdef, state, batch, at, targets, valid):
-    """Per row, the sum over k with ``valid[:, k]`` of log p(targets[:, k] | tokens[:at[:, k] + 1]): only the
-    (B, K) hidden states that predict option tokens are projected onto the vocabulary."""
-    model = nnx.merge(graphdef, state)
-    hidden = jnp.take_along_axis(model.hidden_states(batch), at[..., None], axis=1)
-    logits = model.llm.logits(hidden).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum(jnp.where(valid, logp, 0.0), axis=-1)
-
-
 def _bad_record(q: Question, e: Exception) -> BadRecordError:
     """``e`` as an error of record ``q``, keeping its kind of problem."""
     return BadRecordError(f"{q.where}: {e}", kind=getattr(e, "kind", BadRecordError.kind))
@@ -191,13 +175,13 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
     with_image = next((q for q in questions if q.image), None)
     if with_image is not None and model.cfg.vision is None:
         raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
-    graphdef, state = nnx.split(model)
+    decoder = Decoder(model)
     scores: list[float] = []
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:
-        for chunk in _chunks(_rows(Decoder(model), tokenizer, questions), batch_size):
+        for chunk in _chunks(_rows(decoder, tokenizer, questions), batch_size):
             batch, scored = _score_batch(chunk, batch_size)
-            sums = np.asarray(_option_scores(graphdef, state, batch, *scored))[:len(chunk)]
+            sums = decoder.option_scores(batch, *scored)[:len(chunk)]
             scores.extend((sums / [k for _, k in chunk] if score == "mean" else sums).tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])

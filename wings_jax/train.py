@@ -37,7 +37,7 @@ from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
-from wings_jax.params import abstract_model, flatten_dict, path_str, unflatten_dict
+from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
 from wings_jax.training import run_config
 from wings_jax.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
 from wings_jax.training.metrics import MetricsWriter
@@ -60,7 +60,6 @@ class Plan:
     model_cfg: WingsModelConfig
     mesh: jax.sharding.Mesh
     make_model: Any
-    graphdef: nnx.GraphDef
     owner: dict[str, str]
     tx: Any
     abstract_trainable: Any  # pure pytrees of ShapeDtypeStruct carrying their shardings
@@ -98,8 +97,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
         return WingsModel(model_cfg, rt, rngs=rngs)
 
     abstract = abstract_model(make_model)
-    paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
-    owner = assign_groups(paths, cfg.optim.groups.to_dict())
+    owner = assign_groups(list(flat_variables(nnx.state(abstract, nnx.Param))), cfg.optim.groups.to_dict())
     graphdef, trainable_state, frozen_state = nnx.split(abstract, trainable_filter(owner), ...)
     trainable_sh = sharding.state_shardings(trainable_state, mesh, rules)
     frozen_sh = sharding.state_shardings(frozen_state, mesh, rules)
@@ -118,7 +116,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
                     for k, (s, t) in batch_spec(b, d.max_len, d.max_images, image).items()}
 
     step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
-                           loss_chunk=min(cfg.train.loss_chunk, d.max_len), mesh=mesh, rules=rules)
+                           loss_chunk=cfg.train.loss_chunk, mesh=mesh, rules=rules)
     step_fn = jax.jit(
         step,
         in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, {k: v.sharding for k, v in batch_shapes.items()}),
@@ -129,7 +127,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
                   ("projector" if p.startswith("projector/") else "learners") for p in owner}
     flops = count_flops(model_cfg, batch=b, seq_len=d.max_len, images_per_row=d.max_images,
                         trainable=components).training_total
-    return Plan(cfg, model_cfg, mesh, make_model, graphdef, owner, tx, abstract_trainable, abstract_frozen,
+    return Plan(cfg, model_cfg, mesh, make_model, owner, tx, abstract_trainable, abstract_frozen,
                 abstract_opt, batch_shapes, step_fn, flops)
 
 

@@ -10,9 +10,7 @@ import ml_collections
 from wings_jax.config import ConfigError
 from wings_jax.convert import checkpoint
 from wings_jax.data.pipeline import default_data_config
-from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import QwenConfig, Runtime
-from wings_jax.model.siglip import SiglipConfig
+from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModelConfig
 
 # Parameter groups of the original recipes (spec section 6). Patterns must be disjoint.
@@ -76,21 +74,14 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
     ``model.llm`` the architecture comes from ``init_from``. ``model.wings`` settings that do not
     change parameter shapes (stage, mixing, causal_images) apply on top of ``init_from``'s config.
     """
-    wings_fields = dict(cfg.model.wings)
-    if wings_fields.get("learner_layers") is not None:
-        wings_fields["learner_layers"] = tuple(wings_fields["learner_layers"])
     try:
-        described = None
-        if cfg.model.llm:
-            vision = SiglipConfig(**cfg.model.vision) if cfg.model.vision else None
-            described = WingsModelConfig(llm=QwenConfig(**cfg.model.llm), vision=vision,
-                                         wings=WingsConfig(**wings_fields), projector=cfg.model.projector)
+        described = WingsModelConfig.from_dict(cfg.model.to_dict()) if cfg.model.llm else None
         if not cfg.init_from:
             if described is None:
                 raise ConfigError("set init_from (a converted checkpoint or training workdir) or describe model.llm")
             return described
         base, _ = checkpoint.read_config(cfg.init_from)
-        behaviour = {k: wings_fields[k] for k in ("stage", "mixing", "causal_images")}
+        behaviour = {k: cfg.model.wings[k] for k in ("stage", "mixing", "causal_images")}
         from_checkpoint = dataclasses.replace(base, wings=dataclasses.replace(base.wings, **behaviour))
         if described is not None and described != from_checkpoint:
             raise ConfigError(

@@ -55,7 +55,6 @@ def make_train_step(
                 "loss": total / count,
                 "grad_norm": optax.global_norm(grads),
                 "tokens": jnp.sum(batch["segment_ids"] != 0),
-                "loss_tokens": jnp.sum(weights),
                 **{f"learning_rate/{k}": v for k, v in learning_rates(schedules, step_number).items()},
             }
         return trainable, opt_state, metrics
