@@ -62,7 +62,7 @@ def _forward(cfg: WingsModelConfig, seq_len: int, images_per_row: int) -> dict[s
         "llm": t * (layers * per_token + 2 * h * llm.vocab_size),
         # causal QK^T and PV: half of 2 * 2 * t * t * heads * head_dim
         "attention": layers * 2 * t * t * q_dim,
-        "learners": 0.0, "router": 0.0, "projector": 0.0, "vision": 0.0,
+        "router": 0.0, "projector": 0.0, "vision": 0.0,
     }
     learner_layers = sum(w.layer_flags(layers))
     image_tokens = images_per_row * cfg.tokens_per_image
@@ -104,6 +104,5 @@ def count_flops(cfg: WingsModelConfig, *, batch: int, seq_len: int, images_per_r
         elif name in ("attention", "router"):
             train[name] = value * (3 if grads_flow else 1)
         else:
-            own = "learners" if name == "learners" else name
-            train[name] = value * (1 + grads_flow + (own in trainable))
+            train[name] = value * (1 + grads_flow + (name in trainable))
     return FlopCount(forward=fwd, training=train)

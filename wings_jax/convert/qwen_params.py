@@ -99,14 +99,14 @@ def qwen_rules(cfg: QwenConfig, prefix: str = "") -> list[TensorRule]:
 QWEN_IGNORED = ("model.layers.*.self_attn.rotary_emb.inv_freq",)
 
 
-def load_qwen_values(directory: str, prefix: str = "", runtime: Runtime = Runtime()) -> tuple[QwenConfig, dict]:
+def load_qwen_values(directory: str, prefix: str = "") -> tuple[QwenConfig, dict]:
     """Reads a Hugging Face Qwen2 directory (safetensors only) into our layout: its config and
     ``{prefix + path: array}``."""
     hf = read_config(directory)
     cfg = qwen_config_from_hf(hf, source=f"{directory}/config.json")
     reader = SafetensorsReader(directory)
     ignored = QWEN_IGNORED + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
-    shapes = param_shapes(abstract_model(lambda rngs: Qwen2(cfg, runtime, rngs=rngs)))
+    shapes = param_shapes(abstract_model(lambda rngs: Qwen2(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
     values = import_tensors(
         reader, qwen_rules(cfg, prefix), {prefix + k: v for k, v in shapes.items()},
         num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="qwen2",
@@ -116,5 +116,5 @@ def load_qwen_values(directory: str, prefix: str = "", runtime: Runtime = Runtim
 
 def load_qwen(directory: str, runtime: Runtime = Runtime()) -> Qwen2:
     """Builds a :class:`Qwen2` from a Hugging Face Qwen2 directory (safetensors only)."""
-    cfg, values = load_qwen_values(directory, runtime=runtime)
+    cfg, values = load_qwen_values(directory)
     return materialize(lambda rngs: Qwen2(cfg, runtime, rngs=rngs), values)

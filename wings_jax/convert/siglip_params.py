@@ -268,7 +268,7 @@ def _find_hf_prefix(reader: SafetensorsReader, model_type: str, directory: str) 
 
 
 def load_siglip_values(
-    directory: str, select_layer: int = -2, prefix: str = "", runtime: Runtime = Runtime()
+    directory: str, select_layer: int = -2, prefix: str = ""
 ) -> tuple[SiglipConfig, dict[str, Any]]:
     """Reads a Hugging Face SiglipVisionModel or SiglipModel directory (safetensors only) into our
     parameter layout: the tower's config and ``{prefix + path: array}``."""
@@ -281,7 +281,7 @@ def load_siglip_values(
     ignored = siglip_ignored(cfg, hf_prefix, total)
     if hf["model_type"] == "siglip":
         ignored += SIGLIP_TEXT_IGNORED
-    shapes = param_shapes(abstract_model(lambda rngs: SiglipVisionTower(cfg, runtime, rngs=rngs)))
+    shapes = param_shapes(abstract_model(lambda rngs: SiglipVisionTower(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
     values = import_tensors(
         reader, siglip_rules(cfg, prefix=prefix, hf_prefix=hf_prefix), {prefix + k: v for k, v in shapes.items()},
         num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="siglip",
@@ -292,5 +292,5 @@ def load_siglip_values(
 def load_siglip(directory: str, runtime: Runtime = Runtime(), select_layer: int = -2) -> SiglipVisionTower:
     """Builds a :class:`SiglipVisionTower` from a Hugging Face SiglipVisionModel or SiglipModel directory
     (safetensors only). ``select_layer`` as in the module doc; -2 gives the Wings features."""
-    cfg, values = load_siglip_values(directory, select_layer=select_layer, runtime=runtime)
+    cfg, values = load_siglip_values(directory, select_layer=select_layer)
     return materialize(lambda rngs: SiglipVisionTower(cfg, runtime, rngs=rngs), values)

@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -26,7 +25,7 @@ from wings_jax.convert.siglip_params import (
     siglip_config_to_hf, siglip_ignored, siglip_rules,
 )
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.qwen import DTYPES, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_values, materialize, param_shapes
 
@@ -213,7 +212,7 @@ def export_wings(model: WingsModel, out: str, dtype: str, metadata: Mapping[str,
     })
     rules = wings_rules(cfg, include_router=cfg.wings.stage == "finetune",
                         post_layernorm=metadata.get("has_post_layernorm", True))
-    tensors = export_tensors(_host_params(model), rules, dtype=np.dtype(_numpy_dtype(dtype)))
+    tensors = export_tensors(_host_params(model), rules, dtype=np.dtype(DTYPES[dtype]))
     names = write_safetensors(out, tensors)
     _write_json(out, hf)
     return names
@@ -221,14 +220,10 @@ def export_wings(model: WingsModel, out: str, dtype: str, metadata: Mapping[str,
 
 def export_hf_llm(model: WingsModel, out: str, dtype: str) -> list[str]:
     """Writes the language model alone as a standard transformers Qwen2 directory."""
-    tensors = export_tensors(_host_params(model), qwen_rules(model.cfg.llm, "llm/"), dtype=np.dtype(_numpy_dtype(dtype)))
+    tensors = export_tensors(_host_params(model), qwen_rules(model.cfg.llm, "llm/"), dtype=np.dtype(DTYPES[dtype]))
     names = write_safetensors(out, tensors)
     _write_json(out, qwen_config_to_hf(model.cfg.llm, dtype))
     return names
-
-
-def _numpy_dtype(name: str):
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
 def _write_json(directory: str, body: Mapping[str, Any]) -> None:

@@ -33,20 +33,17 @@ class WingsModelConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        return 0 if self.vision is None else (self.vision.image_size // self.vision.patch_size) ** 2
+        return 0 if self.vision is None else self.vision.num_positions
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "WingsModelConfig":
-        wings = dict(d.get("wings") or {})
-        if wings.get("learner_layers") is not None:
-            wings["learner_layers"] = tuple(wings["learner_layers"])
         return cls(
             llm=QwenConfig(**d["llm"]),
             vision=SiglipConfig(**d["vision"]) if d.get("vision") else None,
-            wings=WingsConfig(**wings),
+            wings=WingsConfig(**(d.get("wings") or {})),
             projector=d.get("projector", "mlp2x_gelu"),
         )
 
@@ -72,18 +69,15 @@ class WingsModel(nnx.Module):
         """(B, I, S, S, 3) pixels -> (B, I, T, H) projected features.
 
         Pixels are uint8 (normalised here, on the device: 4x less to transfer than float32) or float
-        already normalised by `wings_jax.data.images.normalize`. The tower is frozen in every stage: its output is cut from the gradient, so training never
-        differentiates through it. ``precomputed=True`` takes tower outputs (B, I, T, D_vision).
+        already normalised by `wings_jax.data.images.normalize`. The tower is frozen in every stage: its
+        output is cut from the gradient, so training never differentiates through it.
+        ``precomputed=True`` takes tower outputs (B, I, T, D_vision).
         """
         if self.vision is None:
             raise ValueError("this model has no vision tower; it cannot take images")
         if images.dtype == jnp.uint8:
             images = normalize(images)
-        b, i = images.shape[:2]
-        flat = images.reshape(b * i, *images.shape[2:])
-        feats = flat if precomputed else self.vision(flat)
-        feats = self.projector(jax.lax.stop_gradient(feats))
-        return feats.reshape(b, i, *feats.shape[1:])
+        return self.projector(images if precomputed else self.vision.frozen_features(images))
 
     def embed_text(self, tokens: jax.Array) -> jax.Array:
         return self.llm.embed_tokens(jnp.where(tokens == IMAGE_TOKEN_ID, 0, tokens))
@@ -112,11 +106,12 @@ class WingsModel(nnx.Module):
         llm, d = self.cfg.llm, self.cfg.llm.hidden_size // self.cfg.llm.num_heads
         dtype = self.rt.compute_dtype
         side = {
-            "text_k": ((b, max_length, llm.num_heads, d), dtype),
-            "text_v": ((b, max_length, llm.num_heads, d), dtype),
             "image_k": ((b, num_image_tokens, llm.num_heads, d), dtype),
             "image_v": ((b, num_image_tokens, llm.num_heads, d), dtype),
         }
+        if self.cfg.wings.uses_router:  # the textual learner (finetune stage only) keeps keys per text slot
+            side.update(text_k=((b, max_length, llm.num_heads, d), dtype),
+                        text_v=((b, max_length, llm.num_heads, d), dtype))
         cache = self.llm.init_cache(b, max_length, side)
         return self._run_cached(batch, cache, logits_at)
 
