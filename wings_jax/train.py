@@ -111,7 +111,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     abstract_opt = _with_shardings(opt_shapes, opt_sh)
 
     b, d = cfg.train.global_batch_size, cfg.data
-    image = model_cfg.vision.image_size if model_cfg.vision else 1  # the pipeline's 1x1 stand-in without a tower
+    image = model_cfg.vision.image_size if model_cfg.vision else 0
     batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
                     for k, (s, t) in batch_spec(b, d.max_len, d.max_images, image).items()}
 

@@ -19,9 +19,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def _slot_size(image_size: int) -> int:
+    """Side of the pixels in an image slot: ``image_size``, or 1 for a model without a tower (image_size 0),
+    whose image arrays are always empty."""
+    return max(image_size, 1)
+
+
+def no_images(image_size: int, dtype: Any) -> np.ndarray:
+    """An empty (0, S, S, 3) image array."""
+    s = _slot_size(image_size)
+    return np.zeros((0, s, s, 3), dtype)
+
 
 def batch_spec(batch_size: int, max_len: int, max_images: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shape and dtype of every key of the batch the model reads (docs/architecture.md)."""
+    image_size = _slot_size(image_size)
     tokens = (batch_size, max_len)
     return {
         "tokens": (tokens, np.int32), "labels": (tokens, np.int32), "positions": (tokens, np.int32),
@@ -53,7 +65,7 @@ def truncation_point(length: int, image_starts: Sequence[int], tokens_per_image:
 def make_example(encoded: EncodedConversation, images: Sequence[np.ndarray], cut: int,
                  image_size: int) -> dict[str, np.ndarray]:
     """The example of ``encoded`` truncated to ``cut`` tokens; ``images`` are the kept images' uint8 pixels."""
-    pixels = np.stack(images) if len(images) else np.zeros((0, image_size, image_size, 3), np.uint8)
+    pixels = np.stack(images) if len(images) else no_images(image_size, np.uint8)
     return {
         "tokens": encoded.tokens[:cut],
         "labels": encoded.labels[:cut],
@@ -97,11 +109,11 @@ def row_from_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     of a row is the k-th image run of its tokens.
     """
     return {
-        "tokens": packed["tokens"].astype(np.int32),
-        "labels": packed["labels"].astype(np.int32),
-        "positions": packed["tokens_positions"].astype(np.int32),
-        "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
-        "text_mask": packed["text_mask"].astype(bool),
+        "tokens": packed["tokens"].astype(np.int32, copy=False),
+        "labels": packed["labels"].astype(np.int32, copy=False),
+        "positions": packed["tokens_positions"].astype(np.int32, copy=False),
+        "segment_ids": packed["tokens_segment_ids"].astype(np.int32, copy=False),
+        "text_mask": packed["text_mask"].astype(bool, copy=False),
         "images": packed["images"],
         "image_mask": packed["images_segment_ids"] > 0,
     }
@@ -133,6 +145,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
         tokens=encoded.tokens,
         positions=np.arange(n, dtype=np.int32),
         text_mask=encoded.text_mask,
-        images=np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.float32),
+        images=np.stack(pixels) if pixels else no_images(image_size, np.float32),
         image_mask=np.ones(len(pixels), bool),
     )

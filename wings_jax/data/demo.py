@@ -36,6 +36,13 @@ class DemoDataset:
     tokenizer_dir: str
     num_records: int
 
+    @classmethod
+    def in_dir(cls, out_dir: str | os.PathLike, num_records: int) -> "DemoDataset":
+        """The layout of a demo data set written to ``out_dir``."""
+        out_dir = os.fspath(out_dir)
+        return cls(os.path.join(out_dir, "multimodal.jsonl"), os.path.join(out_dir, "text.jsonl"),
+                   os.path.join(out_dir, "images"), os.path.join(out_dir, "tokenizer"), num_records)
+
     def source_configs(self, multimodal_weight: float = 3.0, text_weight: float = 1.0
                        ) -> list[ml_collections.ConfigDict]:
         """``data.sources`` entries for the two files, mixed by the given weights."""
@@ -48,9 +55,8 @@ class DemoDataset:
 def make_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512, seed: int = 0, image_size: int = 48,
                       vocab_size: int = 512) -> DemoDataset:
     """Writes the demo data set (see the module docstring); ``image_size`` is the longer side of the images."""
-    out_dir = os.fspath(out_dir)
-    image_root = os.path.join(out_dir, "images")
-    os.makedirs(image_root, exist_ok=True)
+    dataset = DemoDataset.in_dir(out_dir, num_records)
+    os.makedirs(dataset.image_root, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
     num_multimodal = (3 * num_records) // 4
@@ -71,7 +77,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512, seed: 
             half = "top" if rng.random() < 0.5 else "bottom"
             question, answer = f"What colour is the {half} half?", names[top if half == "top" else bottom]
         file_name = f"{i:05d}." + ("png" if i % 2 == 0 else "jpg")
-        Image.fromarray(pixels).save(os.path.join(image_root, file_name), quality=95)
+        Image.fromarray(pixels).save(os.path.join(dataset.image_root, file_name), quality=95)
         value = f"<image>\n{question}" if rng.random() < 0.8 else f"{question}\n<image>"
         multimodal.append({"id": f"mm{i}", "image": file_name, "conversations": [
             {"from": "human", "value": value}, {"from": "gpt", "value": f"It is {answer}."}]})
@@ -85,20 +91,16 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512, seed: 
         conversations = [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
         text.append({"id": f"text{i}", "conversations": conversations})
 
-    paths = os.path.join(out_dir, "multimodal.jsonl"), os.path.join(out_dir, "text.jsonl")
-    for path, records in zip(paths, (multimodal, text)):
+    for path, records in ((dataset.multimodal_jsonl, multimodal), (dataset.text_jsonl, text)):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    tokenizer_dir = os.path.join(out_dir, "tokenizer")
-    build_local_qwen_tokenizer(tokenizer_dir, vocab_size=vocab_size)
-    return DemoDataset(paths[0], paths[1], image_root, tokenizer_dir, num_records)
+    build_local_qwen_tokenizer(dataset.tokenizer_dir, vocab_size=vocab_size)
+    return dataset
 
 
 def ensure_demo_dataset(out_dir: str | os.PathLike, num_records: int = 512) -> DemoDataset:
     """The demo data set in ``out_dir``, written first if it is not there yet."""
-    out_dir = os.fspath(out_dir)
-    dataset = DemoDataset(os.path.join(out_dir, "multimodal.jsonl"), os.path.join(out_dir, "text.jsonl"),
-                          os.path.join(out_dir, "images"), os.path.join(out_dir, "tokenizer"), num_records)
+    dataset = DemoDataset.in_dir(out_dir, num_records)
     if not os.path.exists(os.path.join(dataset.tokenizer_dir, "tokenizer.json")):
         return make_demo_dataset(out_dir, num_records=num_records)
     return dataset

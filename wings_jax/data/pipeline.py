@@ -238,7 +238,7 @@ class DataIterator(Iterator[dict]):
 
     def __init__(self, dataset: grain.IterDataset, stats: BadRecordStats, fingerprint: str,
                  sources: Sequence[Source] = ()):
-        self._dataset, self.stats, self._fingerprint, self._sources = dataset, stats, fingerprint, sources
+        self.stats, self._fingerprint, self._sources = stats, fingerprint, sources
         self._iterator = iter(dataset)
 
     def __iter__(self) -> "DataIterator":
@@ -282,7 +282,6 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     """
     cfg = _checked(data_cfg, tokens_per_image, global_batch_size, process_index, process_count)
     rows = global_batch_size // process_count
-    image_size = max(image_size, 1)  # no tower: 1 x 1 pixels per (absent) image, as the training loop expects
 
     datasets, weights, sources = [], [], []
     for i, src_cfg in enumerate(cfg["sources"]):

@@ -99,17 +99,22 @@ def _join(root: str, ref: str) -> str:
 _WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)  # what bytes.strip() strips
 
 
+def _read_data_file(path: str) -> bytes:
+    """The bytes of a data file (local or gs://)."""
+    from etils import epath
+
+    try:
+        return epath.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {path!r} does not exist (data.sources[*].path)") from None
+
+
 class JsonlSource:
     """A LLaVA-format JSON Lines file: one record per non-blank line, read by byte offset."""
 
     def __init__(self, path: str, image_root: str | None = None):
-        from etils import epath
-
         self.path, self.image_root = str(path), image_root
-        try:
-            data = epath.Path(path).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"data file {path!r} does not exist (data.sources[*].path)") from None
+        data = _read_data_file(path)
         buf = np.frombuffer(data, np.uint8)
         ends = np.flatnonzero(buf == ord("\n"))
         if len(buf) and buf[-1] != ord("\n"):
@@ -167,13 +172,10 @@ class JsonSource:
     """A LLaVA-format JSON file holding a list of records (loaded into memory, kept JSON-encoded)."""
 
     def __init__(self, path: str, image_root: str | None = None):
-        from etils import epath
-
         self.path, self.image_root = str(path), image_root
+        data = _read_data_file(path)
         try:
-            records = json.loads(epath.Path(path).read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"data file {path!r} does not exist (data.sources[*].path)") from None
+            records = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: cannot read the file as UTF-8 JSON ({e}); use a .jsonl file so that "
                             "broken records can be skipped one by one") from None
