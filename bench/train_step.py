@@ -18,13 +18,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from wings_jax import sharding
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.pipeline import source_config
 from wings_jax.flops import peak_flops_per_device
-from wings_jax.train import plan, split_params
+from wings_jax.train import initial_state, plan
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
 PRESETS = {
@@ -88,11 +87,7 @@ def main() -> None:
 
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     p = plan(c, mesh)
-    params = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(0)), nnx.Param).to_pure_dict())()
-    trainable, frozen = split_params(params, p.owner)
-    trainable = jax.device_put(trainable, jax.tree.map(lambda a: a.sharding, p.abstract_trainable))
-    frozen = jax.device_put(frozen, jax.tree.map(lambda a: a.sharding, p.abstract_frozen))
-    opt_state = jax.jit(p.tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, p.abstract_opt_state))(trainable)
+    trainable, frozen, opt_state = initial_state(p, seed=0)
     cfg = p.model_cfg
     host = synthetic_batch(c.train.global_batch_size, seq_len, cfg.vision.image_size, cfg.tokens_per_image,
                            cfg.llm.vocab_size)

@@ -150,17 +150,18 @@ def _opt_state_shardings(opt_shapes: Any, param_shardings: dict, replicated) -> 
     return jax.tree_util.tree_map_with_path(place, opt_shapes)
 
 
-def _initial_params(p: Plan, seed: int) -> tuple[Any, Any]:
-    """Parameters of a new run: init_from's weights, or a fresh initialisation."""
-    full_sh = merge_params(jax.tree.map(lambda a: a.sharding, p.abstract_trainable),
-                          jax.tree.map(lambda a: a.sharding, p.abstract_frozen))
+def initial_state(p: Plan, seed: int) -> tuple[Any, Any, Any]:
+    """(trainable, frozen, opt_state) of a new run, laid out as planned: init_from's weights, or a fresh
+    initialisation."""
+    full_abstract = merge_params(p.abstract_trainable, p.abstract_frozen)
     if p.cfg.init_from:
-        _, state = nnx.split(abstract_model(p.make_model))
-        full = checkpoint.restore_params(checkpoint.latest_params_dir(p.cfg.init_from), state, full_sh)
+        full = checkpoint.restore_params(checkpoint.latest_params_dir(p.cfg.init_from), full_abstract)
     else:
-        full = jax.jit(lambda: nnx.state(p.make_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict(),
-                       out_shardings=full_sh)()
-    return split_params(full, p.owner)
+        full = jax.jit(lambda: checkpoint.params_dict(p.make_model(nnx.Rngs(seed))),
+                       out_shardings=jax.tree.map(lambda a: a.sharding, full_abstract))()
+    trainable, frozen = split_params(full, p.owner)
+    opt_state = jax.jit(p.tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, p.abstract_opt_state))(trainable)
+    return trainable, frozen, opt_state
 
 
 def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
@@ -235,9 +236,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         log.info("resumed from step %d of %s", start, workdir)
     else:
         start = 0
-        trainable, frozen = _initial_params(p, seed=cfg.train.seed)
-        opt_sh = jax.tree.map(lambda a: a.sharding, p.abstract_opt_state)
-        opt_state = jax.jit(p.tx.init, out_shardings=opt_sh)(trainable)
+        trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
     writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process)

@@ -93,15 +93,8 @@ def latest_params_dir(path: str) -> epath.Path:
     return root / str(max(steps)) / PARAMS_ITEM
 
 
-def restore_params(
-    params_dir: epath.Path, abstract_state: nnx.State, shardings: Any | None = None
-) -> dict:
-    """Restores a params PyTree into the shapes, dtypes and shardings of ``abstract_state``."""
-    target = abstract_state.to_pure_dict()
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, target)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+def restore_params(params_dir: epath.Path, target: Any) -> dict:
+    """Restores a params PyTree into ``target``: a pure dict of ``jax.ShapeDtypeStruct`` with shardings."""
     try:
         return ocp.StandardCheckpointer().restore(params_dir, target)
     except (ValueError, KeyError) as e:
@@ -128,5 +121,12 @@ def load_model(
         return WingsModel(cfg, runtime, rngs=rngs)
 
     graphdef, params = nnx.split(abstract_model(make))  # the model holds parameters only
-    restored = restore_params(latest_params_dir(path), params, None if shardings_fn is None else shardings_fn(params))
+    if shardings_fn is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, params.to_pure_dict())
+    else:
+        shardings = shardings_fn(params)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params.to_pure_dict(),
+                          shardings)
+    restored = restore_params(latest_params_dir(path), target)
     return nnx.merge(graphdef, restored), metadata
