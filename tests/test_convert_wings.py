@@ -151,3 +151,16 @@ def test_import_errors_name_the_problem(tmp_path, released, capsys):
     (src / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "mystery", "vision_config": None}))
     assert convert_main(["import-wings", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert "--vision-heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vision_layers", [1, 3])  # the LLM has 2 layers: a shallower and a deeper tower
+def test_import_wings_with_a_tower_deeper_or_shallower_than_the_llm(tmp_path, vision_layers):
+    src = str(tmp_path / "src")
+    make_released_checkpoint(src, image_size=SIZE, vision_layers=vision_layers)
+    model, _ = import_wings(src)
+    assert model.cfg.vision.num_layers == vision_layers and model.cfg.llm.num_layers == 2
+    ids = [5, 6, IMAGE_TOKEN_ID, 7, 8, 9]
+    pixels = np.random.RandomState(5).uniform(-1, 1, (SIZE, SIZE, 3)).astype(np.float32)
+    expected = ReleasedWings(src).logits(ids, torch.tensor(pixels).permute(2, 0, 1)[None])
+    ours = np.asarray(model({k: jnp.asarray(v) for k, v in _sample(ids, pixels).items()}))[0]
+    assert np.abs(ours - expected).max() < 1e-4

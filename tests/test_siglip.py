@@ -387,7 +387,7 @@ def test_projector_parity(kind, tmp_path):
         return Projector(kind, 32, 24, Runtime(), rngs=rngs)
 
     rules = projector_rules(kind, prefix="", hf_prefix="model.")
-    values = import_tensors(reader, rules, param_shapes(abstract_model(make)), num_layers={})
+    values = import_tensors(reader, rules, param_shapes(abstract_model(make)))
     proj = materialize(make, values)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -42,18 +42,24 @@ class TensorRule:
         return "{i}" in self.hf
 
 
-def _to_ours(kind: str, value: np.ndarray, shape: Sequence[int], num_in: int) -> np.ndarray:
+def _fits(kind: str, hf_shape: Sequence[int], shape: Sequence[int], num_in: int) -> bool:
+    """Whether an HF tensor of ``hf_shape`` becomes our parameter of ``shape`` under ``kind``."""
+    hf_shape, shape = tuple(hf_shape), tuple(shape)
     if kind == LINEAR:
-        in_size = math.prod(shape[:num_in])
-        if value.ndim != 2 or value.shape[1] != in_size or value.shape[0] != math.prod(shape[num_in:]):
-            raise ValueError(f"shape {value.shape} cannot become {tuple(shape)}")
+        return hf_shape == (math.prod(shape[num_in:]), math.prod(shape[:num_in]))
+    if kind == CONV:
+        return len(hf_shape) == 4 and (hf_shape[2], hf_shape[3], hf_shape[1], hf_shape[0]) == shape
+    if kind == COPY:
+        return hf_shape == shape
+    return math.prod(hf_shape) == math.prod(shape)
+
+
+def _to_ours(kind: str, value: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``value`` (checked by :func:`_fits`) in our layout."""
+    if kind == LINEAR:
         return value.T.reshape(shape)
     if kind == CONV:
-        if value.ndim != 4 or tuple(np.transpose(value, (2, 3, 1, 0)).shape) != tuple(shape):
-            raise ValueError(f"shape {value.shape} cannot become {tuple(shape)}")
         return np.transpose(value, (2, 3, 1, 0))
-    if (kind == COPY and tuple(value.shape) != tuple(shape)) or value.size != math.prod(shape):
-        raise ValueError(f"shape {value.shape} cannot become {tuple(shape)}")
     return value.reshape(shape)
 
 
@@ -67,48 +73,40 @@ def _to_hf(kind: str, value: np.ndarray, num_in: int) -> np.ndarray:
     return value
 
 
-def import_tensors(
+def _hf_names(rule: TensorRule, shape: Sequence[int], hf_prefix: str) -> list[tuple[int | None, str]]:
+    """(layer index or None, HF name) of every tensor of ``rule``; a stacked parameter's own leading
+    dimension is its depth, so each rule is stacked as deep as the model it belongs to."""
+    if not rule.stacked:
+        return [(None, hf_prefix + rule.hf)]
+    layers = rule.layers if rule.layers is not None else range(shape[0])
+    return [(i, hf_prefix + rule.hf.format(i=i)) for i in layers]
+
+
+def check_tensors(
     reader,
     rules: Sequence[TensorRule],
     shapes: Mapping[str, tuple[int, ...]],
     *,
-    num_layers: Mapping[str, int] | Callable[[str], int],
     ignore: Iterable[str] = (),
     hf_prefix: str = "",
     check_unexpected: bool = True,
-    desc: str = "import",
-) -> dict[str, np.ndarray]:
-    """Reads every rule's tensors from ``reader`` into arrays of our ``shapes`` (path -> shape).
-
-    ``num_layers(path)`` is the stacked depth of a parameter; ``ignore`` holds fnmatch patterns of HF
-    names that may be present and are dropped; ``hf_prefix`` is prepended to every rule's HF name.
-    """
-    depth = num_layers if callable(num_layers) else (lambda p: num_layers[p])
-    out: dict[str, np.ndarray] = {}
+) -> None:
+    """Checks names and shapes only (``reader.keys()``, ``in`` and ``reader.shape``; no value is read):
+    one error lists every missing, mis-shaped and unexpected tensor. ``ignore`` holds fnmatch patterns of
+    HF names that may be present and are dropped; ``hf_prefix`` is prepended to every rule's HF name."""
     missing, bad_shape, used = [], [], set()
-    for rule in tqdm(rules, desc=desc, unit="tensor", leave=False):
+    for rule in rules:
         if rule.path not in shapes:
             raise ConversionError(f"internal mapping error: no parameter {rule.path!r} in the model")
-        shape = shapes[rule.path]
-        if rule.stacked:
-            n = depth(rule.path)
-            per_layer = shape[1:]
-            layers = rule.layers if rule.layers is not None else range(n)
-            stacked_value = None
-            for i in layers:
-                name = hf_prefix + rule.hf.format(i=i)
-                value = _fetch(reader, name, rule, per_layer, missing, bad_shape, used)
-                if value is None:
-                    continue
-                if stacked_value is None:
-                    stacked_value = np.zeros((n, *per_layer), value.dtype)
-                stacked_value[i] = value
-            if stacked_value is not None:
-                out[rule.path] = stacked_value
-        else:
-            value = _fetch(reader, hf_prefix + rule.hf, rule, shape, missing, bad_shape, used)
-            if value is not None:
-                out[rule.path] = value
+        shape = tuple(shapes[rule.path])
+        target = shape[1:] if rule.stacked else shape
+        for _, name in _hf_names(rule, shape, hf_prefix):
+            if name not in reader:
+                missing.append(name)
+                continue
+            used.add(name)
+            if not _fits(rule.kind, reader.shape(name), target, rule.num_in):
+                bad_shape.append(f"{name}: shape {tuple(reader.shape(name))} cannot become {target}")
     unexpected = []
     if check_unexpected:
         patterns = [hf_prefix + p for p in ignore]
@@ -126,20 +124,36 @@ def import_tensors(
             lines.append(f"  unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
         lines.append("  Check that config.json describes these weights and that the directory is complete.")
         raise ConversionError("\n".join(lines))
+
+
+def import_tensors(
+    reader,
+    rules: Sequence[TensorRule],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    ignore: Iterable[str] = (),
+    hf_prefix: str = "",
+    check_unexpected: bool = True,
+    desc: str = "import",
+) -> dict[str, np.ndarray]:
+    """Reads every rule's tensors from ``reader`` into arrays of our ``shapes`` (path -> shape), after
+    :func:`check_tensors` (same keyword arguments) found every name and shape right."""
+    check_tensors(reader, rules, shapes, ignore=ignore, hf_prefix=hf_prefix, check_unexpected=check_unexpected)
+    out: dict[str, np.ndarray] = {}
+    for rule in tqdm(rules, desc=desc, unit="tensor", leave=False):
+        shape = tuple(shapes[rule.path])
+        if not rule.stacked:
+            out[rule.path] = _to_ours(rule.kind, reader[hf_prefix + rule.hf], shape)
+            continue
+        stacked_value = None
+        for i, name in _hf_names(rule, shape, hf_prefix):
+            value = _to_ours(rule.kind, reader[name], shape[1:])
+            if stacked_value is None:  # layers a rule does not list stay zero
+                stacked_value = np.zeros(shape, value.dtype)
+            stacked_value[i] = value
+        if stacked_value is not None:
+            out[rule.path] = stacked_value
     return out
-
-
-def _fetch(reader, name, rule, shape, missing, bad_shape, used):
-    if name not in reader:
-        missing.append(name)
-        return None
-    used.add(name)
-    value = reader[name]
-    try:
-        return _to_ours(rule.kind, value, shape, rule.num_in)
-    except ValueError as e:
-        bad_shape.append(f"{name}: {e}")
-        return None
 
 
 def export_tensors(

@@ -108,8 +108,7 @@ def load_qwen_values(directory: str, prefix: str = "") -> tuple[QwenConfig, dict
     ignored = QWEN_IGNORED + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
     shapes = param_shapes(abstract_model(lambda rngs: Qwen2(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
     values = import_tensors(
-        reader, qwen_rules(cfg, prefix), {prefix + k: v for k, v in shapes.items()},
-        num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="qwen2",
+        reader, qwen_rules(cfg, prefix), {prefix + k: v for k, v in shapes.items()}, ignore=ignored, desc="qwen2",
     )
     return cfg, values
 

@@ -284,7 +284,7 @@ def load_siglip_values(
     shapes = param_shapes(abstract_model(lambda rngs: SiglipVisionTower(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
     values = import_tensors(
         reader, siglip_rules(cfg, prefix=prefix, hf_prefix=hf_prefix), {prefix + k: v for k, v in shapes.items()},
-        num_layers=lambda _: cfg.num_layers, ignore=ignored, desc="siglip",
+        ignore=ignored, desc="siglip",
     )
     return cfg, values
 

@@ -139,6 +139,15 @@ def wings_config_from_released(hf: Mapping[str, Any], reader: SafetensorsReader,
     return cfg, has_router, VISION_PREFIX + "post_layernorm.weight" in reader
 
 
+def released_rules(cfg: WingsModelConfig, has_router: bool,
+                   has_post_layernorm: bool) -> tuple[list[TensorRule], dict[str, tuple[int, ...]], tuple[str, ...]]:
+    """The rules, our parameter shapes and the ignored HF names of a released checkpoint of ``cfg``
+    (builds no array)."""
+    shapes = param_shapes(abstract_model(lambda rngs: WingsModel(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
+    rules = wings_rules(cfg, has_router, post_layernorm=has_post_layernorm)
+    return rules, shapes, QWEN_IGNORED + siglip_ignored(cfg.vision, VISION_PREFIX)
+
+
 def import_wings(src: str, runtime: Runtime = Runtime(), mixing: str = "reference",
                  vision_known: Mapping[str, Any] | None = None) -> tuple[WingsModel, dict]:
     """Loads a released original Wings checkpoint directory; returns the model and metadata.
@@ -149,19 +158,12 @@ def import_wings(src: str, runtime: Runtime = Runtime(), mixing: str = "referenc
     reader = SafetensorsReader(src)
     cfg, has_router, has_post_ln = wings_config_from_released(hf, reader, f"{src}/config.json", mixing,
                                                               vision_known)
-
-    def make(rngs):
-        return WingsModel(cfg, runtime, rngs=rngs)
-
-    shapes = param_shapes(abstract_model(make))
-    rules = wings_rules(cfg, has_router, post_layernorm=has_post_ln)
-    ignored = QWEN_IGNORED + siglip_ignored(cfg.vision, VISION_PREFIX)
-    values = import_tensors(reader, rules, shapes, num_layers=lambda _: cfg.llm.num_layers, ignore=ignored,
-                            desc="wings")
+    rules, shapes, ignored = released_rules(cfg, has_router, has_post_ln)
+    values = import_tensors(reader, rules, shapes, ignore=ignored, desc="wings")
     metadata = {"source": "released-wings", "source_dir": src, "source_dtype": _dominant_dtype(reader),
                 "has_router": has_router, "has_post_layernorm": has_post_ln,
                 "mm_vision_tower": hf.get("mm_vision_tower", DEFAULT_VISION_TOWER)}
-    return materialize(make, values), metadata
+    return materialize(lambda rngs: WingsModel(cfg, runtime, rngs=rngs), values), metadata
 
 
 def build_from_hf(llm_dir: str, vision_dir: str | None, wings: WingsConfig, runtime: Runtime = Runtime(),
