@@ -164,3 +164,9 @@ def test_import_wings_with_a_tower_deeper_or_shallower_than_the_llm(tmp_path, vi
     expected = ReleasedWings(src).logits(ids, torch.tensor(pixels).permute(2, 0, 1)[None])
     ours = np.asarray(model({k: jnp.asarray(v) for k, v in _sample(ids, pixels).items()}))[0]
     assert np.abs(ours - expected).max() < 1e-4
+
+
+def test_import_hf_names_a_missing_directory(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-qwen")
+    assert convert_main(["import-hf", "--llm", missing, "--out", str(tmp_path / "out")]) == 2
+    assert f"{missing}: does not exist" in capsys.readouterr().err

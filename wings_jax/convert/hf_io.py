@@ -25,6 +25,9 @@ class ConversionError(ValueError):
 
 
 def read_config(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        problem = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ConversionError(f"{directory}: {problem}; expected a Hugging Face model directory")
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{directory}: no config.json; expected a Hugging Face model directory")
