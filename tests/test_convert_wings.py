@@ -170,3 +170,30 @@ def test_import_hf_names_a_missing_directory(tmp_path, capsys):
     missing = str(tmp_path / "no-such-qwen")
     assert convert_main(["import-hf", "--llm", missing, "--out", str(tmp_path / "out")]) == 2
     assert f"{missing}: does not exist" in capsys.readouterr().err
+
+
+def test_tower_settings_precedence(tmp_path, released):
+    """flags > the checkpoint's vision_config > a local tower directory's config.json > the known hub towers."""
+    from transformers import SiglipVisionConfig
+
+    from wings_jax.convert.hf_io import SafetensorsReader
+    from wings_jax.convert.wings_params import wings_config_from_released
+
+    reader = SafetensorsReader(released)
+    base = {k: v for k, v in json.loads(open(os.path.join(released, "config.json")).read()).items()
+            if k != "vision_config"}
+    local = tmp_path / "siglip-so400m-patch14-384"  # named like a known tower: the directory's config wins
+    SiglipVisionConfig(hidden_size=24, num_attention_heads=3, layer_norm_eps=1e-5, image_size=SIZE + 1,
+                       patch_size=14).save_pretrained(local)
+
+    def tower(hf, flags=None):
+        vision = wings_config_from_released(hf, reader, "config.json", "reference", flags)[0].vision
+        return vision.num_heads, vision.layer_norm_eps, vision.image_size
+
+    # the hub table alone (so400m: 16 heads, 1e-6, 384 px) disagrees with these weights' 4 x 4 patch grid
+    with pytest.raises(ConversionError, match="image_size 384 gives 27 patches"):
+        tower({**base, "mm_vision_tower": "google/siglip-so400m-patch14-384"})
+    assert tower({**base, "mm_vision_tower": str(local)}) == (3, 1e-5, SIZE + 1)
+    described = {**base, "mm_vision_tower": str(local), "vision_config": {"num_attention_heads": 2, "image_size": SIZE}}
+    assert tower(described) == (2, 1e-5, SIZE)
+    assert tower(described, {"num_heads": 4, "layer_norm_eps": None, "image_size": None}) == (4, 1e-5, SIZE)

@@ -54,7 +54,7 @@ _PATCH = "embeddings.patch_embedding.weight"
 _POSITIONS = "embeddings.position_embedding.weight"
 
 
-def _vision_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+def vision_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The SiglipVisionConfig fields of ``hf`` (a vision config or a full SiglipModel config), defaults filled in."""
     model_type = hf.get("model_type")
     if model_type not in SIGLIP_MODEL_TYPES:
@@ -99,7 +99,7 @@ def siglip_config_from_hf(
     hf_config: Mapping[str, Any], select_layer: int = -2, source: str = "config.json"
 ) -> SiglipConfig:
     """A :class:`SiglipConfig` from a SiglipVisionConfig or SiglipConfig dict (see module doc for ``select_layer``)."""
-    v = _vision_dict(hf_config, source)
+    v = vision_dict(hf_config, source)
     total = int(v["num_hidden_layers"])
     image, patch = int(v["image_size"]), int(v["patch_size"])
     if image < patch:
@@ -275,7 +275,7 @@ def load_siglip_values(
     hf = read_config(directory)
     source = f"{directory}/config.json"
     cfg = siglip_config_from_hf(hf, select_layer=select_layer, source=source)
-    total = int(_vision_dict(hf, source)["num_hidden_layers"])
+    total = int(vision_dict(hf, source)["num_hidden_layers"])
     reader = SafetensorsReader(directory)
     hf_prefix = _find_hf_prefix(reader, hf["model_type"], directory)
     ignored = siglip_ignored(cfg, hf_prefix, total)

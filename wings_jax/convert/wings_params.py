@@ -22,7 +22,7 @@ from wings_jax.convert.qwen_params import (
 )
 from wings_jax.convert.siglip_params import (
     KNOWN_TOWERS, load_siglip_values, projector_rules, siglip_config_from_weights,
-    siglip_config_to_hf, siglip_ignored, siglip_rules,
+    siglip_config_to_hf, siglip_ignored, siglip_rules, vision_dict,
 )
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import DTYPES, Runtime
@@ -69,27 +69,37 @@ def _dominant_dtype(reader: SafetensorsReader) -> str:
     return TORCH_DTYPES.get(name, "float32")
 
 
-def _known_tower(hf: Mapping[str, Any], overrides: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
-    """What the weights cannot tell about the tower: heads, LayerNorm eps, image size.
+# What the weights cannot tell about the tower: (our name, the SiglipVisionConfig field)
+TOWER_FIELDS = (("num_heads", "num_attention_heads"), ("layer_norm_eps", "layer_norm_eps"), ("image_size", "image_size"))
 
-    From (in order of precedence) ``overrides``, a ``vision_config`` in config.json (our own exports
-    write one), or the known configuration of the tower named by ``mm_vision_tower``.
-    """
-    known: dict[str, Any] = {}
+
+def _local_tower(name: str) -> dict[str, Any]:
+    """The tower fields of a local SigLIP directory's config.json; empty when ``name`` is no such directory."""
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        return {}
+    described = vision_dict(read_config(name), f"{name}/config.json")
+    return {ours: described[theirs] for ours, theirs in TOWER_FIELDS}
+
+
+def _known_tower(hf: Mapping[str, Any], overrides: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """The tower's heads, LayerNorm eps and image size; each from the first of: ``overrides`` (flags), a
+    ``vision_config`` in config.json (our own exports write one), the config.json of a local directory named
+    by ``mm_vision_tower``, the known configuration of the hub tower it names."""
     name = str(hf.get("mm_vision_tower", DEFAULT_VISION_TOWER)).rstrip("/")
+    table: dict[str, Any] = {}
     for hub_id, values in KNOWN_TOWERS.items():
         if name == hub_id or name.endswith("/" + hub_id.split("/")[-1]) or name == hub_id.split("/")[-1]:
-            known.update(values)
+            table.update(values)
     described = hf.get("vision_config") or {}
-    for ours, theirs in (("num_heads", "num_attention_heads"), ("layer_norm_eps", "layer_norm_eps"),
-                         ("image_size", "image_size")):
-        if theirs in described:
-            known[ours] = described[theirs]
-    known.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    levels = (table, _local_tower(name), {ours: described.get(theirs) for ours, theirs in TOWER_FIELDS},
+              overrides or {})
+    known: dict[str, Any] = {}
+    for level in levels:  # lowest precedence first
+        known.update({k: v for k, v in level.items() if v is not None})
     if "num_heads" not in known or "layer_norm_eps" not in known:
         raise ConversionError(
-            f"{source}: the vision tower {name!r} is not one whose configuration is known "
-            f"({', '.join(KNOWN_TOWERS)}); give its number of heads, LayerNorm eps and image size "
+            f"{source}: the vision tower {name!r} is neither a local SigLIP directory nor one whose configuration "
+            f"is known ({', '.join(KNOWN_TOWERS)}); give its number of heads, LayerNorm eps and image size "
             "(--vision-heads, --vision-eps, --vision-image-size)"
         )
     return known
