@@ -10,6 +10,7 @@ import jax
 from jax_env import xla_flags
 from wings_jax import sharding
 from wings_jax.config import load_config
+from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, CHECKSUMS_ITEM, load_model
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.train import train
 
@@ -71,3 +72,9 @@ def test_two_processes_match_one(tmp_path):
     assert sorted(got) == [1, 2, 3, 4]
     for step in range(1, 5):
         assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
+    # the checksums the two processes recorded verify in one process on one device (they do not depend on the
+    # process count or the sharding): restoring their step uses it, moving nothing aside
+    steps = os.path.join(multi, CHECKPOINTS_DIR)
+    assert os.path.isdir(os.path.join(steps, "4", CHECKSUMS_ITEM))
+    load_model(multi)
+    assert sorted(os.listdir(steps)) == ["3", "4"]

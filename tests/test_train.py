@@ -117,7 +117,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_pat
         for name in files:
             open(os.path.join(root, name), "wb").close()
     code, out = _run_cli(resumed, demo_data, 10)
-    assert code == 0 and "checkpoint step 10 cannot be restored" in out and "resumed from step 8" in out, out
+    assert code == 0 and "checkpoint step 10 is damaged" in out and "resumed from step 8" in out, out
     assert sorted(_losses(resumed)) == list(range(1, 11))
 
 

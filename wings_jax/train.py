@@ -155,7 +155,7 @@ def initial_state(p: Plan, seed: int) -> tuple[Any, Any, Any]:
     initialisation."""
     full_abstract = merge_params(p.abstract_trainable, p.abstract_frozen)
     if p.cfg.init_from:
-        full = checkpoint.restore_params(checkpoint.latest_params_dir(p.cfg.init_from), full_abstract)
+        full = checkpoint.restore_params(p.cfg.init_from, full_abstract)
     else:
         full = jax.jit(lambda: checkpoint.params_dict(p.make_model(nnx.Rngs(seed))),
                        out_shardings=jax.tree.map(lambda a: a.sharding, full_abstract))()

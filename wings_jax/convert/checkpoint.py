@@ -12,14 +12,19 @@ A training workdir holds the same ``wings_config.json`` and tokenizer at its roo
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import os
 from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from wings_jax.convert.checksums import ALGORITHM, checksums, mismatches
 from wings_jax.convert.hf_io import ConversionError, copy_tokenizer_files
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
@@ -29,6 +34,9 @@ FORMAT = "wings_jax/1"
 CONFIG_FILE = "wings_config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
+CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: checksum}}}, see checksums.py
+
+log = logging.getLogger("wings_jax.checkpoint")
 
 
 def write_config(path: str, cfg: WingsModelConfig, metadata: Mapping[str, Any] | None = None) -> None:
@@ -68,37 +76,143 @@ def save_model(
     if (directory / CONFIG_FILE).exists() or (directory / PARAMS_ITEM).exists():
         raise ConversionError(f"{path}: already holds a checkpoint; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_ITEM, params_dict(model))
-    checkpointer.wait_until_finished()
+    for item, args in save_args({PARAMS_ITEM: params_dict(model)}).items():
+        checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler() if isinstance(args, ocp.args.JsonSave)
+                                        else ocp.StandardCheckpointHandler())
+        checkpointer.save(directory / item, args=args)
     if tokenizer_src:
         copy_tokenizer_files(tokenizer_src, str(directory))
     write_config(str(directory), model.cfg, metadata)
 
 
-def latest_params_dir(path: str) -> epath.Path:
-    """``path/params`` of a converted checkpoint, or the newest complete step of a training workdir."""
-    directory = epath.Path(path)
+class CheckpointError(ConversionError):
+    """A checkpoint that cannot be used (damaged, or written for another model); the message says what to do."""
+
+
+def save_args(arrays: Mapping[str, Any], json_items: Mapping[str, dict] | None = None) -> dict[str, Any]:
+    """orbax save arguments of each item (``arrays``: PyTrees of arrays; ``json_items``: JSON dicts) plus
+    the :data:`CHECKSUMS_ITEM` recording every array's checksum."""
+    args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+    args.update({name: ocp.args.JsonSave(value) for name, value in (json_items or {}).items()})
+    recorded = {name: checksums(tree) for name, tree in arrays.items()}
+    args[CHECKSUMS_ITEM] = ocp.args.JsonSave({"algorithm": ALGORITHM, "items": recorded})
+    return args
+
+
+def step_dirs(path: str) -> list[epath.Path]:
+    """The directories holding parameters, newest first: a converted checkpoint itself, or a training
+    workdir's complete steps (orbax writes under a temporary name and renames: only digit names are complete)."""
+    directory = epath.Path(_absolute(path))
     if (directory / PARAMS_ITEM).exists():
-        return directory / PARAMS_ITEM
+        return [directory]
     root = directory / CHECKPOINTS_DIR
-    steps = []
-    if root.exists():
-        for child in root.iterdir():
-            # orbax writes into a temporary name and renames on success: only digit names are complete
-            if child.name.isdigit() and (child / PARAMS_ITEM).exists():
-                steps.append(int(child.name))
+    steps = sorted((int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / PARAMS_ITEM).exists())
+                   if root.exists() else (), reverse=True)
     if not steps:
-        raise ConversionError(f"{path}: holds no parameters (neither {PARAMS_ITEM}/ nor a complete {CHECKPOINTS_DIR}/<step>/)")
-    return root / str(max(steps)) / PARAMS_ITEM
+        raise ConversionError(f"{path}: holds no parameters (neither {PARAMS_ITEM}/ nor a complete "
+                              f"{CHECKPOINTS_DIR}/<step>/)")
+    return [root / str(step) for step in steps]
 
 
-def restore_params(params_dir: epath.Path, target: Any) -> dict:
-    """Restores a params PyTree into ``target``: a pure dict of ``jax.ShapeDtypeStruct`` with shardings."""
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)  # orbax needs absolute paths
+
+
+def _layout_mismatch(directory: epath.Path, targets: Mapping[str, Any]) -> str | None:
+    """What differs between the stored array shapes and the targets' (None: the same, or unreadable)."""
+    for item, abstract in targets.items():
+        if abstract is None:
+            continue
+        try:
+            metadata = ocp.StandardCheckpointer().metadata(directory / item).item_metadata
+        except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, handled by the restore
+            return None
+        stored = collections.Counter(tuple(a.shape) for a in jax.tree.leaves(getattr(metadata, "tree", metadata)))
+        wanted = collections.Counter(tuple(a.shape) for a in jax.tree.leaves(abstract))
+        if not stored:  # truncated or missing metadata: a damaged step, handled by the restore
+            return None
+        if stored != wanted:
+            extra, missing = sorted((stored - wanted).elements())[:3], sorted((wanted - stored).elements())[:3]
+            return (f"{item}: {sum(stored.values())} arrays stored, {sum(wanted.values())} expected; "
+                    f"shapes only stored {extra}, only expected {missing}")
+    return None
+
+
+def _restore_verified(directory: epath.Path, targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Each item of ``targets`` (abstract arrays, or None for a JSON item) restored from ``directory`` and
+    checked against the recorded checksums; raises :class:`CheckpointError` naming the file or arrays at fault."""
+    restored = {}
+    for item, abstract in targets.items():
+        try:
+            if abstract is None:
+                restored[item] = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+                    directory / item, args=ocp.args.JsonRestore())
+            else:
+                restored[item] = ocp.StandardCheckpointer().restore(directory / item, abstract)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions on unreadable files
+            raise CheckpointError(f"{directory / item} cannot be read ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:300]})") from None
+    recorded_file = directory / CHECKSUMS_ITEM
+    if not recorded_file.exists():
+        log.warning("%s has no checksums (written before they were recorded); loaded unverified", directory)
+        return restored
     try:
-        return ocp.StandardCheckpointer().restore(params_dir, target)
-    except (ValueError, KeyError) as e:
-        raise ConversionError(f"{params_dir}: parameters do not fit the model described by its config ({e})") from None
+        recorded = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(recorded_file, args=ocp.args.JsonRestore())
+        if recorded.get("algorithm") != ALGORITHM:
+            raise ValueError(f"algorithm {recorded.get('algorithm')!r}, expected {ALGORITHM!r}")
+    except Exception as e:  # noqa: BLE001 - a damaged checksums file makes the step unverifiable
+        raise CheckpointError(f"{recorded_file} cannot be read ({type(e).__name__}: {e})") from None
+    for item, abstract in targets.items():
+        if abstract is not None:
+            bad = mismatches(restored[item], recorded["items"].get(item, {}))
+            if bad:
+                raise CheckpointError(f"{directory / item}: {len(bad)} arrays differ from their recorded checksums "
+                                      f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    return restored
+
+
+def restore_newest(path: str, targets: Mapping[str, Any]) -> tuple[epath.Path, dict[str, Any]]:
+    """The newest step of a workdir (or the converted checkpoint) whose items restore and verify.
+
+    ``targets`` maps item names to abstract arrays (``jax.ShapeDtypeStruct`` with shardings) or None (JSON).
+    A damaged step (unreadable, or failing its checksums) is moved aside to ``<step>.damaged`` with a warning
+    naming it and the file, and the one before it is used; a damaged converted checkpoint, or a step written
+    for another model, is an error.
+    """
+    candidates = step_dirs(path)
+    moved = []
+    for directory in candidates:
+        mismatch = _layout_mismatch(directory, targets)
+        if mismatch:
+            raise CheckpointError(
+                f"{directory} was written for another model or optimizer ({mismatch}). Use it with the settings "
+                "it was written with, or train in a new workdir (init_from can start from its weights).")
+        try:
+            return directory, _restore_verified(directory, targets)
+        except CheckpointError as e:
+            if directory.parent.name != CHECKPOINTS_DIR:
+                raise CheckpointError(f"{e}; the checkpoint is damaged: convert or copy it again") from None
+            aside = directory.parent / f"{directory.name}.damaged"
+            log.warning("checkpoint step %s is damaged: %s; moved to %s, trying an older one", directory.name, e, aside)
+            _move_aside(directory, aside)
+            moved.append(directory.name)
+    raise CheckpointError(f"no checkpoint in {candidates[0].parent} could be restored (steps {', '.join(moved)} "
+                          "were moved aside as damaged); move them back to retry, or start in a new workdir")
+
+
+def _move_aside(directory: epath.Path, aside: epath.Path) -> None:
+    """Renames a damaged step so that neither a restore nor a new save of that step trips over it."""
+    if jax.process_index() == 0:
+        if aside.exists():
+            aside.rmtree()
+        directory.rename(aside)
+    multihost_utils.sync_global_devices(f"checkpoint {directory.name} moved aside")
+
+
+def restore_params(path: str, target: Any) -> dict:
+    """The parameters of a converted checkpoint or of a workdir's newest good step, restored into ``target``
+    (a pure dict of ``jax.ShapeDtypeStruct`` with shardings) and verified."""
+    return restore_newest(path, {PARAMS_ITEM: target})[1][PARAMS_ITEM]
 
 
 def load_model(
@@ -128,5 +242,4 @@ def load_model(
         shardings = shardings_fn(params)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params.to_pure_dict(),
                           shardings)
-    restored = restore_params(latest_params_dir(path), target)
-    return nnx.merge(graphdef, restored), metadata
+    return nnx.merge(graphdef, restore_params(path, target)), metadata
