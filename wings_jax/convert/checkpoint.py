@@ -182,15 +182,18 @@ def restore_newest(path: str, targets: Mapping[str, Any]) -> tuple[epath.Path, d
     candidates = step_dirs(path)
     moved = []
     for directory in candidates:
+        is_step = directory.parent.name == CHECKPOINTS_DIR
         mismatch = _layout_mismatch(directory, targets)
         if mismatch:
+            where = f"checkpoint step {directory.name} in {directory.parent}" if is_step else str(directory)
             raise CheckpointError(
-                f"{directory} was written for another model or optimizer ({mismatch}). Use it with the settings "
-                "it was written with, or train in a new workdir (init_from can start from its weights).")
+                f"{where} was written for another model or optimizer ({mismatch}). Did model.* or optim.groups "
+                "change? Use it with the settings it was written with, or train in a new workdir (init_from can "
+                "start from its weights).")
         try:
             return directory, _restore_verified(directory, targets)
         except CheckpointError as e:
-            if directory.parent.name != CHECKPOINTS_DIR:
+            if not is_step:
                 raise CheckpointError(f"{e}; the checkpoint is damaged: convert or copy it again") from None
             aside = directory.parent / f"{directory.name}.damaged"
             log.warning("checkpoint step %s is damaged: %s; moved to %s, trying an older one", directory.name, e, aside)
