@@ -73,13 +73,13 @@ def _to_hf(kind: str, value: np.ndarray, num_in: int) -> np.ndarray:
     return value
 
 
-def _hf_names(rule: TensorRule, shape: Sequence[int], hf_prefix: str) -> list[tuple[int | None, str]]:
+def _hf_names(rule: TensorRule, shape: Sequence[int]) -> list[tuple[int | None, str]]:
     """(layer index or None, HF name) of every tensor of ``rule``; a stacked parameter's own leading
     dimension is its depth, so each rule is stacked as deep as the model it belongs to."""
     if not rule.stacked:
-        return [(None, hf_prefix + rule.hf)]
+        return [(None, rule.hf)]
     layers = rule.layers if rule.layers is not None else range(shape[0])
-    return [(i, hf_prefix + rule.hf.format(i=i)) for i in layers]
+    return [(i, rule.hf.format(i=i)) for i in layers]
 
 
 def check_tensors(
@@ -88,32 +88,25 @@ def check_tensors(
     shapes: Mapping[str, tuple[int, ...]],
     *,
     ignore: Iterable[str] = (),
-    hf_prefix: str = "",
-    check_unexpected: bool = True,
 ) -> None:
     """Checks names and shapes only (``reader.keys()``, ``in`` and ``reader.shape``; no value is read):
     one error lists every missing, mis-shaped and unexpected tensor. ``ignore`` holds fnmatch patterns of
-    HF names that may be present and are dropped; ``hf_prefix`` is prepended to every rule's HF name."""
+    HF names that may be present and are dropped."""
     missing, bad_shape, used = [], [], set()
     for rule in rules:
         if rule.path not in shapes:
             raise ConversionError(f"internal mapping error: no parameter {rule.path!r} in the model")
         shape = tuple(shapes[rule.path])
         target = shape[1:] if rule.stacked else shape
-        for _, name in _hf_names(rule, shape, hf_prefix):
+        for _, name in _hf_names(rule, shape):
             if name not in reader:
                 missing.append(name)
                 continue
             used.add(name)
             if not _fits(rule.kind, reader.shape(name), target, rule.num_in):
                 bad_shape.append(f"{name}: shape {tuple(reader.shape(name))} cannot become {target}")
-    unexpected = []
-    if check_unexpected:
-        patterns = [hf_prefix + p for p in ignore]
-        unexpected = sorted(
-            k for k in reader.keys()
-            if k not in used and k.startswith(hf_prefix) and not any(fnmatch.fnmatchcase(k, p) for p in patterns)
-        )
+    unexpected = sorted(k for k in reader.keys()
+                        if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore))
     if missing or bad_shape or unexpected:
         lines = [f"cannot convert the weights in {getattr(reader, 'directory', '?')}:"]
         if missing:
@@ -126,27 +119,19 @@ def check_tensors(
         raise ConversionError("\n".join(lines))
 
 
-def import_tensors(
-    reader,
-    rules: Sequence[TensorRule],
-    shapes: Mapping[str, tuple[int, ...]],
-    *,
-    ignore: Iterable[str] = (),
-    hf_prefix: str = "",
-    check_unexpected: bool = True,
-    desc: str = "import",
-) -> dict[str, np.ndarray]:
+def import_tensors(reader, rules: Sequence[TensorRule], shapes: Mapping[str, tuple[int, ...]], *,
+                   ignore: Iterable[str] = (), desc: str = "import") -> dict[str, np.ndarray]:
     """Reads every rule's tensors from ``reader`` into arrays of our ``shapes`` (path -> shape), after
-    :func:`check_tensors` (same keyword arguments) found every name and shape right."""
-    check_tensors(reader, rules, shapes, ignore=ignore, hf_prefix=hf_prefix, check_unexpected=check_unexpected)
+    :func:`check_tensors` found every name and shape right."""
+    check_tensors(reader, rules, shapes, ignore=ignore)
     out: dict[str, np.ndarray] = {}
     for rule in tqdm(rules, desc=desc, unit="tensor", leave=False):
         shape = tuple(shapes[rule.path])
         if not rule.stacked:
-            out[rule.path] = _to_ours(rule.kind, reader[hf_prefix + rule.hf], shape)
+            out[rule.path] = _to_ours(rule.kind, reader[rule.hf], shape)
             continue
         stacked_value = None
-        for i, name in _hf_names(rule, shape, hf_prefix):
+        for i, name in _hf_names(rule, shape):
             value = _to_ours(rule.kind, reader[name], shape[1:])
             if stacked_value is None:  # layers a rule does not list stay zero
                 stacked_value = np.zeros(shape, value.dtype)
