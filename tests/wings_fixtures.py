@@ -106,11 +106,10 @@ def make_released_checkpoint(directory, *, router=True, dtype=torch.bfloat16, im
             state[f"model.layers.{i}.reweight_module.linear.weight"] = torch.randn(2, router_len) * 0.5
             state[f"model.layers.{i}.reweight_module.linear.bias"] = torch.randn(2) * 0.5
     vision_cfg = SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=vision_layers + 1,
-                                    num_attention_heads=2,
-                                    image_size=image_size, patch_size=patch, layer_norm_eps=1e-6)
+                                    num_attention_heads=2, image_size=image_size, patch_size=patch, layer_norm_eps=1e-6)
     vision = SiglipVisionModel(vision_cfg)
     for name, value in _vision_state(vision).items():
-        if name.startswith("head.") or name.startswith(f"encoder.layers.{vision_layers}.") or name.endswith("position_ids"):
+        if name.startswith(("head.", f"encoder.layers.{vision_layers}.")) or name.endswith("position_ids"):
             continue  # the released tower: last encoder layer deleted, pooling head replaced by Identity
         state["model.vision_tower.vision_tower.vision_model." + name] = value.detach().clone()
     state["model.mm_projector.0.weight"] = torch.randn(hidden, 24) * 0.2
@@ -127,7 +126,8 @@ def make_released_checkpoint(directory, *, router=True, dtype=torch.bfloat16, im
         "system_prompt_length": 5, "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "tiny-siglip",
         "image_token_length": (image_size // patch) ** 2, "model_max_length": 256,
         "vision_config": {"num_attention_heads": 2, "layer_norm_eps": 1e-6, "image_size": image_size,
-                          "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": vision_layers, "patch_size": patch,
+                          "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": vision_layers,
+                          "patch_size": patch,
                           "num_channels": 3},
     })
     with open(os.path.join(directory, "config.json"), "w") as f:

@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -124,7 +125,7 @@ def _layout_mismatch(directory: epath.Path, targets: Mapping[str, Any]) -> str |
         if abstract is None:
             continue
         try:
-            metadata = ocp.StandardCheckpointer().metadata(directory / item).item_metadata
+            metadata = ocp.StandardCheckpointHandler().metadata(directory / item)
         except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, handled by the restore
             return None
         stored = collections.Counter(tuple(a.shape) for a in jax.tree.leaves(getattr(metadata, "tree", metadata)))
@@ -141,34 +142,44 @@ def _layout_mismatch(directory: epath.Path, targets: Mapping[str, Any]) -> str |
 def _restore_verified(directory: epath.Path, targets: Mapping[str, Any]) -> dict[str, Any]:
     """Each item of ``targets`` (abstract arrays, or None for a JSON item) restored from ``directory`` and
     checked against the recorded checksums; raises :class:`CheckpointError` naming the file or arrays at fault."""
-    restored = {}
-    for item, abstract in targets.items():
-        try:
-            if abstract is None:
-                restored[item] = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-                    directory / item, args=ocp.args.JsonRestore())
-            else:
-                restored[item] = ocp.StandardCheckpointer().restore(directory / item, abstract)
-        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions on unreadable files
-            raise CheckpointError(f"{directory / item} cannot be read ({type(e).__name__}: "
-                                  f"{(str(e).splitlines() or [''])[0][:300]})") from None
     recorded_file = directory / CHECKSUMS_ITEM
-    if not recorded_file.exists():
+    has_checksums = recorded_file.exists()
+    restored, error = {}, None
+    for item, abstract in {**targets, **({CHECKSUMS_ITEM: None} if has_checksums else {})}.items():
+        try:
+            restored[item] = _read_item(directory / item, abstract)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions on unreadable files
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            error = f"{directory / item} cannot be read ({type(e).__name__}: {first_line})"
+            break
+    recorded = restored.pop(CHECKSUMS_ITEM, None)
+    if error is None and has_checksums and not (isinstance(recorded, dict) and recorded.get("algorithm") == ALGORITHM):
+        error = f"{recorded_file}: not checksums of algorithm {ALGORITHM!r}"
+    if _on_any_process(error is not None):  # each process reads its own shards: all must agree to go on
+        raise CheckpointError(error or f"{directory}: another process could not read its part")
+    if recorded is None:
         log.warning("%s has no checksums (written before they were recorded); loaded unverified", directory)
         return restored
-    try:
-        recorded = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(recorded_file, args=ocp.args.JsonRestore())
-        if recorded.get("algorithm") != ALGORITHM:
-            raise ValueError(f"algorithm {recorded.get('algorithm')!r}, expected {ALGORITHM!r}")
-    except Exception as e:  # noqa: BLE001 - a damaged checksums file makes the step unverifiable
-        raise CheckpointError(f"{recorded_file} cannot be read ({type(e).__name__}: {e})") from None
     for item, abstract in targets.items():
         if abstract is not None:
-            bad = mismatches(restored[item], recorded["items"].get(item, {}))
+            bad = mismatches(restored[item], recorded.get("items", {}).get(item, {}))
             if bad:
                 raise CheckpointError(f"{directory / item}: {len(bad)} arrays differ from their recorded checksums "
                                       f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     return restored
+
+
+def _read_item(directory: epath.Path, abstract: Any) -> Any:
+    """One item: a PyTree restored into ``abstract`` (abstract arrays), or a JSON dict when it is None."""
+    if abstract is None:
+        return ocp.JsonCheckpointHandler().restore(directory, args=ocp.args.JsonRestore())
+    return ocp.StandardCheckpointHandler().restore(directory, args=ocp.args.StandardRestore(abstract))
+
+
+def _on_any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 def restore_newest(path: str, targets: Mapping[str, Any]) -> tuple[epath.Path, dict[str, Any]]:

@@ -70,7 +70,8 @@ def _dominant_dtype(reader: SafetensorsReader) -> str:
 
 
 # What the weights cannot tell about the tower: (our name, the SiglipVisionConfig field)
-TOWER_FIELDS = (("num_heads", "num_attention_heads"), ("layer_norm_eps", "layer_norm_eps"), ("image_size", "image_size"))
+TOWER_FIELDS = (("num_heads", "num_attention_heads"), ("layer_norm_eps", "layer_norm_eps"),
+                ("image_size", "image_size"))
 
 
 def _local_tower(name: str) -> dict[str, Any]:
@@ -153,7 +154,8 @@ def released_rules(cfg: WingsModelConfig, has_router: bool,
                    has_post_layernorm: bool) -> tuple[list[TensorRule], dict[str, tuple[int, ...]], tuple[str, ...]]:
     """The rules, our parameter shapes and the ignored HF names of a released checkpoint of ``cfg``
     (builds no array)."""
-    shapes = param_shapes(abstract_model(lambda rngs: WingsModel(cfg, Runtime(), rngs=rngs)))  # a runtime changes no shape
+    # a runtime changes no shape
+    shapes = param_shapes(abstract_model(lambda rngs: WingsModel(cfg, Runtime(), rngs=rngs)))
     rules = wings_rules(cfg, has_router, post_layernorm=has_post_layernorm)
     return rules, shapes, QWEN_IGNORED + siglip_ignored(cfg.vision, VISION_PREFIX)
 
