@@ -5,10 +5,12 @@ A converted checkpoint is::
     CKPT/
       wings_config.json   {"format": ..., "model": WingsModelConfig, "metadata": {...}}  (written last)
       params/             orbax PyTree of the model's parameters (nested dict, '/'-paths as in params.py)
+      checksums/          every saved array's checksum (see checksums.py), verified at restore
       tokenizer files     tokenizer.json, tokenizer_config.json, ...
 
 A training workdir holds the same ``wings_config.json`` and tokenizer at its root and
-``checkpoints/<step>/params`` per saved step; :func:`load_model` accepts either.
+``checkpoints/<step>/{params, checksums, ...}`` per saved step; :func:`load_model` accepts either and
+:func:`restore_newest` is the one restore (with its fallback past damaged steps) of resume, generate and evaluate.
 """
 from __future__ import annotations
 
