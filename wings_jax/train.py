@@ -204,8 +204,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
 
     ``mesh`` defaults to the config's mesh over all devices.
     """
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)  # orbax needs absolute paths
     _prepare_demo_data(cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     p = plan(cfg, mesh, jax.process_count())

@@ -13,6 +13,7 @@ A training workdir holds the same ``wings_config.json`` and tokenizer at its roo
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -29,6 +30,12 @@ FORMAT = "wings_jax/1"
 CONFIG_FILE = "wings_config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
+
+
+def orbax_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as orbax takes it: local paths made absolute (orbax refuses relative ones), gs:// as is."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def write_config(path: str, cfg: WingsModelConfig, metadata: Mapping[str, Any] | None = None) -> None:
@@ -69,7 +76,7 @@ def save_model(
         raise ConversionError(f"{path}: already holds a checkpoint; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / PARAMS_ITEM, params_dict(model))
+    checkpointer.save(orbax_path(directory / PARAMS_ITEM), params_dict(model))
     checkpointer.wait_until_finished()
     if tokenizer_src:
         copy_tokenizer_files(tokenizer_src, str(directory))
@@ -96,9 +103,10 @@ def latest_params_dir(path: str) -> epath.Path:
 def restore_params(params_dir: epath.Path, target: Any) -> dict:
     """Restores a params PyTree into ``target``: a pure dict of ``jax.ShapeDtypeStruct`` with shardings."""
     try:
-        return ocp.StandardCheckpointer().restore(params_dir, target)
+        return ocp.StandardCheckpointer().restore(orbax_path(params_dir), target)
     except (ValueError, KeyError) as e:
-        raise ConversionError(f"{params_dir}: parameters do not fit the model described by its config ({e})") from None
+        raise ConversionError(f"{params_dir}: cannot restore the parameters into the model described by its "
+                              f"config ({e})") from None
 
 
 def load_model(

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
 
-from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, PARAMS_ITEM
+from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, PARAMS_ITEM, orbax_path
 
 log = logging.getLogger("wings_jax.train")
 
@@ -29,7 +29,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+        self.directory = orbax_path(workdir) / CHECKPOINTS_DIR
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=(PARAMS_ITEM, "opt_state", "extra"))
 
