@@ -40,7 +40,7 @@ from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
 from wings_jax.training import run_config
 from wings_jax.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
-from wings_jax.training.metrics import MetricsWriter
+from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
 from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
 from wings_jax.training.step import make_train_step
 
@@ -273,8 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                                     "rate or check the data, then rerun to resume from there.")
             last = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                "learning_rate": float(next(v for k, v in metrics.items() if k.startswith("learning_rate/"))),
-                **{k: float(v) for k, v in metrics.items() if k.startswith("learning_rate/")},
+                **{k: float(v) for k, v in metrics.items() if k.startswith(LEARNING_RATE_PREFIX)},  # every group's
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
                 "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
             }
