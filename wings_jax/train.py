@@ -39,7 +39,8 @@ from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
 from wings_jax.training import run_config
-from wings_jax.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
+from wings_jax.training.checkpointing import CheckpointError, Checkpointer
+from wings_jax.training.preemption import PreemptionGuard
 from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
 from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
 from wings_jax.training.step import make_train_step

@@ -1,4 +1,4 @@
-"""Training checkpoints (orbax CheckpointManager) and pre-emption signals.
+"""Training checkpoints (orbax CheckpointManager).
 
 Layout: ``WORKDIR/checkpoints/<step>/{params, opt_state, extra}``; ``params`` holds every parameter
 (trainable and frozen), so a step directory is a complete model for generation and evaluation.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import signal
 from typing import Any
 
 import jax
@@ -108,26 +107,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class PreemptionGuard:
-    """Turns the first SIGTERM / SIGINT into a request the loop honours after its current step
-    (save, then exit); a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
