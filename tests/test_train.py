@@ -123,6 +123,20 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_pat
     assert sorted(_losses(resumed)) == list(range(1, 11))
 
 
+def test_sigterm_during_start_up_is_a_clean_stop(demo_data, tmp_path):
+    """A signal during imports or planning, before the first step, gives the same handled exit (143) as one
+    during training, with nothing half-written."""
+    workdir = str(tmp_path / "early")
+    process = _run_cli(workdir, demo_data, 8, wait=False)
+    time.sleep(2)  # inside Python's start-up and imports (several seconds), well before the first step
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM" in out and "Traceback" not in out, out
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert not os.path.exists(checkpoints) or not os.listdir(checkpoints), os.listdir(checkpoints)
+
+
 @pytest.fixture(scope="module")
 def single_device_losses(demo_data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one"))
