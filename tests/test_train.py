@@ -91,6 +91,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_pat
     straight = str(tmp_path / "straight")
     code, out = _run_cli(straight, demo_data, 8)
     assert code == 0, out
+    assert "data: 128 records read, 0 skipped" in out  # the end-of-run summary (8 steps x 16 rows)
     expected = _losses(straight)
 
     resumed = str(tmp_path / "resumed")
@@ -216,6 +217,12 @@ def test_impossible_optimizer_settings_are_refused(demo_data, override, message)
     with pytest.raises(ConfigError) as e:
         plan(_config(demo_data, override), _single_device_mesh())
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["data.packing=true", "data.max_images=2"])
+def test_reference_mixing_refuses_packed_rows_and_several_images(demo_data, override):
+    with pytest.raises(ConfigError, match="mixing='reference' handles one unpacked conversation"):
+        plan(_config(demo_data, "model.wings.mixing=reference", override), _single_device_mesh())
 
 
 def test_clip_norm_zero_means_off_and_the_progress_bar_shows_every_group_rate(demo_data, tmp_path):

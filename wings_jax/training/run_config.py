@@ -129,6 +129,11 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
         raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last) with 0 <= first <= last "
                           f"< train.steps={t.steps}")
     check_optim(cfg.optim)
+    if wings.mixing == "reference" and (cfg.data.packing or cfg.data.max_images > 1):
+        raise ConfigError(f"model.wings.mixing='reference' handles one unpacked conversation with at most one image "
+                          f"per row, as the released code does (data.packing={cfg.data.packing}, data.max_images="
+                          f"{cfg.data.max_images}); set data.packing=False and data.max_images=1, or use "
+                          "mixing='corrected'")
     if model.vision is None and cfg.data.max_images:
         raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
 
