@@ -280,7 +280,8 @@ def test_readme_command_runs(workspace, readme, command, capfd):
     run = command
     for name in subs:
         run = SUBSTITUTIONS[name][1](run)
-    if re.fullmatch(r"[A-Z_]+=\S.*", run) and " " not in run.split("=", 1)[0]:
+    words = shlex.split(run)
+    if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
         workspace["shell_variables"].append(run)  # a shell variable later commands of the block use
         return
     with _inside(workspace["root"]):
