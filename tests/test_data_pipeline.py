@@ -142,10 +142,19 @@ def test_truncation_point(length, starts, max_len, max_images, expected):
 
 
 def test_truncation_in_the_pipeline(tmp_path, tok):
-    path, root = _write_dataset(tmp_path, 1, images_of=lambda i: 2)
+    """Truncation cuts before an image that does not fit (by length or by max_images) and drops the rest;
+    the exchange before it still trains."""
+    (tmp_path / "images").mkdir()
+    for k in range(2):
+        _write_image(tmp_path / "images" / f"img0_{k}.png", k)
+    turns = [{"from": "human", "value": "<image>\nRecord 0: what colour?"}, {"from": "gpt", "value": "colour 0"},
+             {"from": "human", "value": "<image>\nand this one?"}, {"from": "gpt", "value": "colour 100"}]
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"id": "r0", "image": ["img0_0.png", "img0_1.png"], "conversations": turns}) + "\n")
+    path, root = str(path), str(tmp_path / "images")
     encoded = ChatFormatter(tok, tokens_per_image=T).encode(
-        [{"role": "user", "content": "<image><image>\nRecord 0: what colour?"},
-         {"role": "assistant", "content": "colour 0"}], 2)
+        [{"role": "user", "content": "<image>\nRecord 0: what colour?"}, {"role": "assistant", "content": "colour 0"},
+         {"role": "user", "content": "<image>\nand this one?"}, {"role": "assistant", "content": "colour 100"}], 2)
     first, second = encoded.image_starts
     # max_len ends inside the second image: cut before it, keep only the first image.
     batch = _take(_iterator(_config(path, root, max_len=second + T - 1), tok, batch=1))[0]
@@ -154,9 +163,34 @@ def test_truncation_in_the_pipeline(tmp_path, tok):
     assert (batch["tokens"][0] == IMAGE_TOKEN_ID).sum() == T
     assert batch["image_mask"][0].tolist() == [True, False]
     assert (batch["images"][0, 1] == 0).all()
+    np.testing.assert_array_equal(batch["labels"][0, :second], encoded.labels[:second])  # the first answer trains
     # max_images=1 drops the second image and the text after it, even with room to spare.
-    batch = _take(_iterator(_config(path, root, max_len=96, max_images=1), tok, batch=1))[0]
+    batch = _take(_iterator(_config(path, root, max_len=160, max_images=1), tok, batch=1))[0]
     assert batch["segment_ids"][0].sum() == second and batch["image_mask"][0].tolist() == [True]
+
+
+@pytest.mark.parametrize("overrides, kind, message", [
+    ({"max_images": 1}, "too_many_images", "the record has 2 images, data.max_images=1"),
+    ({"max_len": 64}, "answer_truncated", "cut to data.max_len=64 before its first answer"),
+])
+def test_records_left_with_nothing_to_train_are_bad_records(tmp_path, tok, overrides, kind, message):
+    """Two images before the answer with max_images=1, or an answer beyond max_len: the row would have no
+    labelled token. Refused (policy 'error') or skipped and counted by reason (policy 'skip')."""
+    path, root = _write_dataset(tmp_path, 3, images_of=lambda i: 2 if i == 1 else 0)
+    if kind == "answer_truncated":  # record 1: a question longer than max_len
+        lines = open(path).read().splitlines()
+        lines[1] = json.dumps({"id": "r1", "conversations": [
+            {"from": "human", "value": "Record 1: " + "tell me more " * 40}, {"from": "gpt", "value": "no"}]})
+        open(path, "w").write("\n".join(lines) + "\n")
+    cfg = _config(path, root, **overrides)
+    with pytest.raises(BadRecordError, match=re.escape(f"{path} line 2")) as info:
+        _take(_iterator(cfg, tok, batch=1))
+    assert info.value.kind == kind and message in str(info.value)
+    cfg.bad_record_policy, cfg.max_bad_fraction = "skip", 0.5
+    it = _iterator(cfg, tok, batch=1)
+    rows = [_record_number(tok, b["tokens"][0]) for b in _take(it)]
+    assert rows == [0, 2] and dict(it.stats.skipped) == {kind: 1}
+    assert it.stats.summary() == f"3 records read, 1 skipped ({kind}: 1)"
 
 
 def test_row_layout(tmp_path, tok):
@@ -367,7 +401,7 @@ def test_bad_record_policy_skip(tmp_path, tok):
     assert it.stats.seen == n + len(bad)
     # Too many bad records: a clear error with the counts by reason.
     cfg.max_bad_fraction = 0.05
-    with pytest.raises(DataError, match=r"were bad \(.*missing_image: 1.*\), more than data.max_bad_fraction"):
+    with pytest.raises(DataError, match=r"skipped \(.*missing_image: 1.*\): more bad records than data.max_bad_fraction"):
         _take(_iterator(cfg, tok, batch=1))
 
 

@@ -245,6 +245,21 @@ def test_cli_errors_name_the_problem(hf_checkpoint, vision_checkpoint, capsys, t
     assert rc != 0 and "--save-logits needs --prompt" in err
 
 
+def test_cli_relative_checkpoint_path_and_default_length_capped(hf_checkpoint, capsys, monkeypatch):
+    """The README's form: a relative --ckpt, no --max-new-tokens. The default (256) exceeds the router's 64
+    positions, so it is capped with a note; an explicit length that does not fit is still refused."""
+    _, _, ckpt = hf_checkpoint
+    monkeypatch.chdir(os.path.dirname(ckpt))
+    relative = os.path.basename(ckpt)
+    rc, out, err = _run(capsys, ["--ckpt", relative, "--prompt", "What is 3 plus 4?", "--json", "--ignore-eos"])
+    assert rc == 0, err
+    reply = json.loads(out)
+    room = 64 - len(reply["prompt_token_ids"])
+    assert len(reply["generated_token_ids"]) == room and f"at most {room} new tokens" in err
+    rc, _, err = _run(capsys, ["--ckpt", relative, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "256"])
+    assert rc != 0 and "router_max_len" in err
+
+
 def test_cli_image_prompt_and_interactive_chat(vision_checkpoint, capsys, monkeypatch):
     ckpt, image = vision_checkpoint
     common = ["--ckpt", ckpt, "--json", "--max-new-tokens", "5", "--ignore-eos"]

@@ -141,6 +141,7 @@ def test_not_an_image_names_the_file(tmp_path):
     with pytest.raises(BadImageError, match="notes.png") as info:
         load_image(str(path))
     assert info.value.kind == "bad_image"
+    assert "BytesIO" not in str(info.value)  # PIL's message names its in-memory buffer; ours names the file
 
 
 def test_missing_file(tmp_path):

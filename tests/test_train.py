@@ -22,6 +22,7 @@ from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
 from wings_jax.train import TrainingError, plan, train
 from wings_jax.training.checkpointing import CheckpointError
+from wings_jax.training.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -58,7 +59,8 @@ def test_demo_loss_falls_and_checkpoint_loads(demo_data, tmp_path, capsys):
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (58, 59, 60)])
     assert last < 0.35 * first, (first, last)
     record = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
-    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s"):
+    for key in ("step", "loss", "learning_rate/llm", "learning_rate/learners", "learning_rate/projector", "grad_norm",
+                "tokens_per_s", "step_time_s"):
         assert key in record
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     # a training workdir is a checkpoint that generation loads: its newest step, with the tokenizer
@@ -89,6 +91,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_pat
     straight = str(tmp_path / "straight")
     code, out = _run_cli(straight, demo_data, 8)
     assert code == 0, out
+    assert "data: 128 records read, 0 skipped" in out  # the end-of-run summary (8 steps x 16 rows)
     expected = _losses(straight)
 
     resumed = str(tmp_path / "resumed")
@@ -119,6 +122,20 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(demo_data, tmp_pat
     code, out = _run_cli(resumed, demo_data, 10)
     assert code == 0 and "checkpoint step 10 is damaged" in out and "resumed from step 8" in out, out
     assert sorted(_losses(resumed)) == list(range(1, 11))
+
+
+def test_sigterm_during_start_up_is_a_clean_stop(demo_data, tmp_path):
+    """A signal during imports or planning, before the first step, gives the same handled exit (143) as one
+    during training, with nothing half-written."""
+    workdir = str(tmp_path / "early")
+    process = _run_cli(workdir, demo_data, 8, wait=False)
+    time.sleep(2)  # inside Python's start-up and imports (several seconds), well before the first step
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM" in out and "Traceback" not in out, out
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert not os.path.exists(checkpoints) or not os.listdir(checkpoints), os.listdir(checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +200,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp
     losses = _losses(workdir)
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps and all(np.isfinite(losses[s]) for s in steps) and max(steps) == max(losses)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.groups.llm.lr=-1e-4", "optim.groups.llm.lr=-0.0001 must be a finite number zero or positive"),
+    ("optim.warmup_ratio=-0.1", "optim.warmup_ratio=-0.1 must be a finite number in [0, 1]"),
+    ("optim.warmup_ratio=1.5", "optim.warmup_ratio=1.5 must be"),
+    ("optim.b1=1.0", "optim.b1=1.0 must be a finite number in [0, 1)"),
+    ("optim.b2=-0.5", "optim.b2=-0.5 must be"),
+    ("optim.eps=0.0", "optim.eps=0.0 must be a finite number positive"),
+    ("optim.weight_decay=-0.01", "optim.weight_decay=-0.01 must be"),
+    ("optim.clip_norm=-1.0", "optim.clip_norm=-1.0 must be a finite number zero (no clipping) or positive"),
+    ("optim.groups.projector.lr=nan", "optim.groups.projector.lr=nan must be"),
+])
+def test_impossible_optimizer_settings_are_refused(demo_data, override, message):
+    with pytest.raises(ConfigError) as e:
+        plan(_config(demo_data, override), _single_device_mesh())
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["data.packing=true", "data.max_images=2"])
+def test_reference_mixing_refuses_packed_rows_and_several_images(demo_data, override):
+    with pytest.raises(ConfigError, match="mixing='reference' handles one unpacked conversation"):
+        plan(_config(demo_data, "model.wings.mixing=reference", override), _single_device_mesh())
+
+
+def test_clip_norm_zero_means_off_and_the_progress_bar_shows_every_group_rate(demo_data, tmp_path):
+    plan(_config(demo_data, "optim.clip_norm=0.0"), _single_device_mesh())  # accepted
+    writer = MetricsWriter(str(tmp_path), 10, 0)
+    writer.write(1, {"loss": 2.0, "learning_rate/llm": 1e-5, "learning_rate/projector": 3e-4})
+    shown = str(writer._bar)
+    writer.close()
+    assert "lr/llm=1e-05" in shown and "lr/projector=0.0003" in shown, shown
 
 
 def test_config_errors_are_clear(demo_data, tmp_path, capsys):

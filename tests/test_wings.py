@@ -209,3 +209,11 @@ def test_bfloat16_compute_close_to_float32():
     bf16 = np.asarray(tiny_model(runtime=Runtime(dtype="bfloat16"))(batch).astype(jnp.float32))
     valid = np.asarray(batch["segment_ids"]) > 0
     assert np.abs(bf16 - f32)[valid].max() < 0.05 * np.abs(f32[valid]).max()
+
+
+def test_reference_mode_refuses_several_images_per_row():
+    """The released code handles one image per sample; a batch with more image slots is refused by name."""
+    model = tiny_model(mixing="reference")
+    model(jnp_batch(make_batch([ROWS["one_image"], ROWS["text"]], T, SIZE, 24, max_images=1)))  # one slot: runs
+    with pytest.raises(ValueError, match="mixing='reference' handles one image per row.*2 image slots"):
+        model(_batch([ROWS["two_images"]]))

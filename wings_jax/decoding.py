@@ -143,11 +143,16 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
     return batch
 
 
+def position_limit(cfg: WingsModelConfig) -> int | None:
+    """The longest sequence the model can run: the router has one weight row per position (stage
+    'pretrain' has no router, hence no limit: None)."""
+    return cfg.wings.router_max_len if cfg.wings.uses_router else None
+
+
 def check_length(cfg: WingsModelConfig, length: int, what: str, remedy: str) -> None:
-    """Refuses sequences longer than the router can weigh: it has one weight row per position (stage
-    'pretrain' has no router, hence no limit)."""
-    limit = cfg.wings.router_max_len
-    if cfg.wings.uses_router and length > limit:
+    """Refuses sequences longer than :func:`position_limit`."""
+    limit = position_limit(cfg)
+    if limit is not None and length > limit:
         raise GenerationError(f"{what} needs {length} positions, but the model's router weighs at most "
                               f"{limit} (wings.router_max_len); {remedy}")
 

@@ -6,7 +6,9 @@
 The conversation is formatted as in training (ChatML, default system turn, ``<image>`` placeholders
 expanded to image slots) and ends with the assistant header ``<|im_start|>assistant\\n``. Without an
 ``<image>`` in the text, each image goes on its own line before it. Generation stops at ``<|im_end|>``
-or ``<|endoftext|>`` (unless --ignore-eos) or after --max-new-tokens.
+or ``<|endoftext|>`` (unless --ignore-eos) or after --max-new-tokens (default 256, fewer when the
+prompt leaves less room before the model's length limit; a value given explicitly that does not fit is
+refused).
 
 Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the
 next message; the whole conversation is kept and re-read at every turn.
@@ -26,9 +28,10 @@ from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
 from wings_jax.decoding import (Decoder, GenerationError, Sampling, decode_text, encode_chat, load_for_inference,
-                                stop_token_ids, with_image_placeholders)
+                                position_limit, stop_token_ids, with_image_placeholders)
 
 EXIT_COMMAND, IMAGE_COMMAND = "/exit", "/image "
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image for the (first) message; repeatable")
     p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system turn")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"default: {DEFAULT_MAX_NEW_TOKENS}, capped to what the model's length limit leaves")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
@@ -72,14 +76,27 @@ class Chat:
             if not epath.Path(path).is_file():
                 raise GenerationError(f"image file {path!r} does not exist")
 
+    def max_new_tokens(self, prompt_length: int) -> int:
+        """--max-new-tokens if given (the decoder refuses it if it does not fit); otherwise the default,
+        capped to the room the model's length limit leaves after the prompt."""
+        if self.args.max_new_tokens is not None:
+            return self.args.max_new_tokens
+        limit = position_limit(self.model.cfg)
+        room = DEFAULT_MAX_NEW_TOKENS if limit is None else limit - prompt_length
+        if 1 <= room < DEFAULT_MAX_NEW_TOKENS:
+            print(f"note: generating at most {room} new tokens (the model takes {limit} positions, the prompt "
+                  f"has {prompt_length}); --max-new-tokens sets it", file=sys.stderr)
+            return room
+        return DEFAULT_MAX_NEW_TOKENS  # room < 1: the decoder refuses the prompt as too long
+
     def answer(self, message: str, images: Sequence[str]) -> dict:
         """Generates the reply to ``message``; the conversation only grows when that succeeds."""
         self.check_images(images)
         user = Turn("user", with_image_placeholders(message, len(images)))
         prompt = encode_chat(self.model.cfg, self.tokenizer, [*self.turns, user], [*self.images, *images],
                              system_prompt=self.args.system)
-        [result] = self.decoder.generate([prompt], self.args.max_new_tokens, self.sampling, self.stop_ids,
-                                         seed=self.args.seed)
+        [result] = self.decoder.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
+                                         self.stop_ids, seed=self.args.seed)
         text = decode_text(self.tokenizer, result.token_ids)
         self.turns += [user, Turn("assistant", text)]
         self.images += images

@@ -9,12 +9,19 @@ a converted checkpoint. SIGTERM / SIGINT save a checkpoint and exit (pre-emption
 """
 from __future__ import annotations
 
-import argparse
+from wings_jax.training.preemption import PreemptionGuard
+
+# Run as a program, the guard is installed before the heavy imports below (several seconds): a SIGTERM
+# during start-up then ends the run as one during training does (exit 143, nothing half-written).
+_STARTUP_GUARD = PreemptionGuard() if __name__ == "__main__" else None
+
+import argparse  # noqa: E402 - after the guard
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -39,8 +46,8 @@ from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
 from wings_jax.training import run_config
-from wings_jax.training.checkpointing import CheckpointError, Checkpointer, PreemptionGuard
-from wings_jax.training.metrics import MetricsWriter
+from wings_jax.training.checkpointing import CheckpointError, Checkpointer
+from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
 from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
 from wings_jax.training.step import make_train_step
 
@@ -199,13 +206,15 @@ def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
     cfg.data.tokenizer = demo.tokenizer_dir
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
+          guard: PreemptionGuard | None = None) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics and how the run ended.
 
-    ``mesh`` defaults to the config's mesh over all devices.
+    ``mesh`` defaults to the config's mesh over all devices; ``guard`` (default: one installed here)
+    turns SIGTERM / SIGINT into a save-and-stop.
     """
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+    own_guard = guard is None
+    guard = guard or PreemptionGuard()
     _prepare_demo_data(cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     p = plan(cfg, mesh, jax.process_count())
@@ -245,7 +254,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                        f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "
                        f"mesh {dict(mesh.shape)}; {sum(x.size for x in jax.tree.leaves(trainable)):,} trainable "
                        f"parameters in groups {sorted(set(p.owner.values()))}")
-    guard = PreemptionGuard()
     profile = tuple(cfg.train.profile_steps)
     tracing = False
     last, ended, saved_step = {}, "completed", start if restored is not None else None
@@ -253,6 +261,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     try:
         batch = _global_batch(next(data), p.batch_shapes) if start < cfg.train.steps else None
         for step in range(start, cfg.train.steps):
+            if guard.requested:  # the signal came during start-up (planning, restoring): no step to save
+                ended = guard.signal_name
+                writer.message(f"{ended} before step {step + 1}: nothing new to save; rerun the same command "
+                               "to resume")
+                break
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 tracing = True
@@ -275,8 +288,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                                     "rate or check the data, then rerun to resume from there.")
             last = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                "learning_rate": float(next(v for k, v in metrics.items() if k.startswith("learning_rate/"))),
-                **{k: float(v) for k, v in metrics.items() if k.startswith("learning_rate/")},
+                **{k: float(v) for k, v in metrics.items() if k.startswith(LEARNING_RATE_PREFIX)},  # every group's
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
                 "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
             }
@@ -293,9 +305,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     finally:
         if tracing:  # the run ended inside the traced range: keep what was traced
             jax.profiler.stop_trace()
-        guard.restore()
+        if own_guard:
+            guard.restore()
         ckpt.close()
         writer.close()
+        where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+        log.info("data%s: %s", where, data.stats.summary())
         data.close()
     return {"metrics": last, "ended": ended, "step": saved_step}
 
@@ -324,7 +339,18 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    guard = _STARTUP_GUARD or PreemptionGuard()  # first: a signal from here on is a clean stop
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv), guard)
+    finally:
+        guard.restore()
+
+
+def _exit_status(signal_name: str) -> int:
+    return 128 + signal.Signals[signal_name].value
+
+
+def _main(argv: list[str], guard: PreemptionGuard) -> int:
     _log_to_stderr()
     try:
         path, overrides, rest = parse_command_line(argv)
@@ -354,13 +380,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = aot.compile_only(cfg, topology=args.topology)
             print(aot.format_report(report))
             return 0 if report["fits"] else 3
+        if guard.requested:
+            print(f"{guard.signal_name} during start-up: stopped before training; nothing written", file=sys.stderr)
+            return _exit_status(guard.signal_name)
         _initialize_distributed(args)
-        result = train(cfg, workdir)
+        result = train(cfg, workdir, guard=guard)
     except (ConfigError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result["ended"] != "completed":
-        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(result["ended"], 0)
+        return _exit_status(result["ended"])
     print(f"training finished at step {result['step']}; checkpoints in {workdir}")
     return 0
 

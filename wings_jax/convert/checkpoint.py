@@ -42,6 +42,12 @@ CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: 
 log = logging.getLogger("wings_jax.checkpoint")
 
 
+def orbax_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as orbax takes it: local paths made absolute (orbax refuses relative ones), gs:// as is."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def write_config(path: str, cfg: WingsModelConfig, metadata: Mapping[str, Any] | None = None) -> None:
     directory = epath.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +81,7 @@ def save_model(
     path: str, model: WingsModel, *, tokenizer_src: str | None = None, metadata: Mapping[str, Any] | None = None
 ) -> None:
     """Writes a converted checkpoint; the config file comes last, so a crash leaves no valid-looking one."""
-    directory = epath.Path(path)
+    directory = orbax_path(path)
     if (directory / CONFIG_FILE).exists() or (directory / PARAMS_ITEM).exists():
         raise ConversionError(f"{path}: already holds a checkpoint; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ def save_args(arrays: Mapping[str, Any], json_items: Mapping[str, dict] | None =
 def step_dirs(path: str) -> list[epath.Path]:
     """The directories holding parameters, newest first: a converted checkpoint itself, or a training
     workdir's complete steps (orbax writes under a temporary name and renames: only digit names are complete)."""
-    directory = epath.Path(_absolute(path))
+    directory = orbax_path(path)
     if (directory / PARAMS_ITEM).exists():
         return [directory]
     root = directory / CHECKPOINTS_DIR
@@ -115,10 +121,6 @@ def step_dirs(path: str) -> list[epath.Path]:
         raise ConversionError(f"{path}: holds no parameters (neither {PARAMS_ITEM}/ nor a complete "
                               f"{CHECKPOINTS_DIR}/<step>/)")
     return [root / str(step) for step in steps]
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)  # orbax needs absolute paths
 
 
 def _layout_mismatch(directory: epath.Path, targets: Mapping[str, Any]) -> str | None:

@@ -55,14 +55,17 @@ def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
         else:
             name = name or os.fspath(source)
             data = read_image_file(source, name)
+        buffer = io.BytesIO(data)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(buffer)
             # Decode now: a truncated file only fails here, and it must fail inside this try.
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            # UnidentifiedImageError is an OSError; truncated JPEG/PNG data raises OSError too.
+            # UnidentifiedImageError is an OSError; truncated JPEG/PNG data raises OSError too. PIL's message
+            # names the in-memory buffer ("<_io.BytesIO object at 0x...>"): name the image instead.
+            detail = str(e).replace(repr(buffer), repr(name))
             raise BadImageError(
-                f"cannot decode image {name!r}: {type(e).__name__}: {e}. Replace or remove the file "
+                f"cannot decode image {name!r}: {type(e).__name__}: {detail}. Replace or remove the file "
                 "(in training data, data.bad_record_policy='skip' skips such records)"
             ) from e
     return _to_rgb(image, name)

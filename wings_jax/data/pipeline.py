@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from . import assemble
-from .constants import DEFAULT_SYSTEM_PROMPT
+from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
 from .images import ASPECT_MODES, load_image, to_square_pixels
@@ -115,12 +115,27 @@ class Encoder:
             encoded = self.formatter.encode(turns, len(images))
             cut, kept = assemble.truncation_point(len(encoded.tokens), encoded.image_starts,
                                                   self.formatter.tokens_per_image, self.max_len, self.max_images)
+            self._check_something_to_train(encoded, cut, kept, len(images))
             # Images dropped by truncation are not decoded.
             pixels = [to_square_pixels(load_image(source, name=name), self.image_size, self.image_aspect)
                       for name, source in images[:kept]]
             return assemble.make_example(encoded, pixels, cut, self.image_size)
         except DataError as e:
             return BadRecord(e.kind, raw.origin, str(e))
+
+    def _check_something_to_train(self, encoded, cut: int, kept: int, num_images: int) -> None:
+        """A record whose answer tokens are all cut away by truncation would be a row that trains nothing."""
+        if (encoded.labels[:cut] != IGNORE_ID).any():
+            return
+        if kept < num_images and kept == self.max_images:
+            raise BadRecordError(
+                f"no answer token is left to train on: the record has {num_images} images, data.max_images="
+                f"{self.max_images}, and the row is cut before image {kept + 1}, which comes before the answer; "
+                "raise data.max_images or drop the record", kind="too_many_images")
+        raise BadRecordError(
+            f"no answer token is left to train on: the record's {len(encoded.tokens)} tokens are cut to "
+            f"data.max_len={self.max_len} before its first answer; raise data.max_len or shorten the record",
+            kind="answer_truncated")
 
 
 # ------------------------------------------------------------------------------------- bad-record policy
@@ -132,6 +147,11 @@ class BadRecordStats:
     def __init__(self):
         self.seen = 0
         self.skipped: collections.Counter[str] = collections.Counter()
+
+    def summary(self) -> str:
+        """'N records read, K skipped (reason: count, ...)', for the end of a run."""
+        reasons = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.skipped.items()))
+        return f"{self.seen} records read, {sum(self.skipped.values())} skipped" + (f" ({reasons})" if reasons else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +205,8 @@ class _BadRecordPolicyIterator(grain.DatasetIterator):
     def _check_fraction(self, at_end: bool) -> None:
         total, seen = sum(self._counts.skipped.values()), self._counts.seen
         if seen and (at_end or seen >= self._rules.min_seen) and total > self._rules.max_bad_fraction * seen:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._counts.skipped.items()))
             raise DataError(
-                f"{total} of {seen} records were bad ({reasons}), more than data.max_bad_fraction="
+                f"{self._counts.summary()}: more bad records than data.max_bad_fraction="
                 f"{self._rules.max_bad_fraction}; the warnings above name them. Fix the data or raise the limit.")
 
     def get_state(self) -> dict[str, Any]:

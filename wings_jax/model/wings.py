@@ -230,6 +230,9 @@ class WingsModel(nnx.Module):
         # visual keys: the row's first image, or a blank (all-zero pixel) image at positions 0..T-1
         blank = self.embed_image(jnp.zeros((1, 1, self.cfg.vision.image_size, self.cfg.vision.image_size, 3),
                                            x.dtype))[0, 0]
+        if images is not None and images[0].shape[1] > 1:
+            raise ValueError(f"mixing='reference' handles one image per row, as the released code does; this batch "
+                             f"has {images[0].shape[1]} image slots per row (use mixing='corrected', or one image)")
         own = images[0][:, 0] if images is not None else jnp.broadcast_to(blank, (b, *blank.shape))
         image_feats = jnp.where(has_image[:, None, None], own, blank[None])
         offsets = jnp.arange(n_img)[None]

@@ -1,4 +1,4 @@
-"""Training checkpoints (orbax CheckpointManager) and pre-emption signals.
+"""Training checkpoints (orbax CheckpointManager).
 
 Layout: ``WORKDIR/checkpoints/<step>/{params, opt_state, extra, checksums}``; ``params`` holds every parameter
 (trainable and frozen), so a step directory is a complete model for generation and evaluation; ``checksums``
@@ -8,14 +8,13 @@ aside for the one before (the routine generation and evaluation share, ``convert
 """
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
 
 from wings_jax.convert.checkpoint import (  # noqa: F401 - CheckpointError: the error of a bad resume
-    CHECKPOINTS_DIR, CHECKSUMS_ITEM, PARAMS_ITEM, CheckpointError, restore_newest, save_args,
+    CHECKPOINTS_DIR, CHECKSUMS_ITEM, PARAMS_ITEM, CheckpointError, orbax_path, restore_newest, save_args,
 )
 
 
@@ -23,7 +22,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.workdir = workdir
-        self.manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS_DIR, options=options,
+        self.manager = ocp.CheckpointManager(orbax_path(workdir) / CHECKPOINTS_DIR, options=options,
                                              item_names=(PARAMS_ITEM, "opt_state", "extra", CHECKSUMS_ITEM))
 
     def save(self, step: int, params: Any, opt_state: Any, extra: dict[str, Any]) -> None:
@@ -52,26 +51,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class PreemptionGuard:
-    """Turns the first SIGTERM / SIGINT into a request the loop honours after its current step
-    (save, then exit); a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

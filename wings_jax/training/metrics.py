@@ -8,6 +8,8 @@ from typing import Mapping
 from etils import epath
 from tqdm import tqdm
 
+LEARNING_RATE_PREFIX = "learning_rate/"  # metrics 'learning_rate/<group>', one per optimizer group
+
 
 class MetricsWriter:
     """Writes on the first process only; the others keep silent."""
@@ -34,6 +36,9 @@ class MetricsWriter:
             if name != "step" and value is not None:
                 self._tb.add_scalar(name, value, step)
         shown = {k: f"{record[k]:.4g}" for k in ("loss", "grad_norm", "tokens_per_s", "mfu") if record.get(k) is not None}
+        # every parameter group's learning rate (groups have their own peaks)
+        shown.update({f"lr/{k.split('/', 1)[1]}": f"{v:.3g}" for k, v in record.items()
+                      if k.startswith(LEARNING_RATE_PREFIX) and v is not None})
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 

@@ -5,6 +5,8 @@ Config files (``configs/*.py``) start from :func:`base_config` and change what t
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import ml_collections
 
 from wings_jax.config import ConfigError
@@ -126,5 +128,29 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
     if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] <= t.profile_steps[1] < t.steps):
         raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last) with 0 <= first <= last "
                           f"< train.steps={t.steps}")
+    check_optim(cfg.optim)
+    if wings.mixing == "reference" and (cfg.data.packing or cfg.data.max_images > 1):
+        raise ConfigError(f"model.wings.mixing='reference' handles one unpacked conversation with at most one image "
+                          f"per row, as the released code does (data.packing={cfg.data.packing}, data.max_images="
+                          f"{cfg.data.max_images}); set data.packing=False and data.max_images=1, or use "
+                          "mixing='corrected'")
     if model.vision is None and cfg.data.max_images:
         raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
+
+
+def check_optim(optim: ml_collections.ConfigDict) -> None:
+    """Optimizer settings no run can train with are refused by name (``clip_norm=0`` means no clipping)."""
+    ranges = {  # key: (test, what it must be)
+        "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "eps": (lambda v: v > 0, "positive"),
+        "weight_decay": (lambda v: v >= 0, "zero or positive"),
+        "clip_norm": (lambda v: v >= 0, "zero (no clipping) or positive"),
+    }
+    settings = {f"optim.{k}": (optim[k], *rule) for k, rule in ranges.items()}
+    for name, group in optim.groups.items():
+        settings[f"optim.groups.{name}.lr"] = (group.get("lr"), lambda v: v >= 0, "zero or positive")
+    for key, (value, ok, must) in settings.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number {must}")

@@ -10,6 +10,7 @@ from flax import nnx
 
 from wings_jax.sharding import Rules, activation_sharding
 from wings_jax.training.loss import chunked_cross_entropy, next_token_targets
+from wings_jax.training.metrics import LEARNING_RATE_PREFIX
 from wings_jax.training.optimizer import learning_rates
 
 
@@ -55,7 +56,7 @@ def make_train_step(
                 "loss": total / count,
                 "grad_norm": optax.global_norm(grads),
                 "tokens": jnp.sum(batch["segment_ids"] != 0),
-                **{f"learning_rate/{k}": v for k, v in learning_rates(schedules, step_number).items()},
+                **{f"{LEARNING_RATE_PREFIX}{k}": v for k, v in learning_rates(schedules, step_number).items()},
             }
         return trainable, opt_state, metrics
 
