@@ -101,6 +101,16 @@ def test_the_only_step_damaged_is_a_clear_error(tmp_path):
         Checkpointer(workdir, keep=5, async_save=False).restore_latest(_abstract(params), _abstract(opt_state))
 
 
+def test_a_step_of_other_parameter_names_is_an_error_and_stays(tmp_path):
+    workdir = str(tmp_path / "run")
+    _saved_run(workdir)
+    params, opt_state = _tree(2)
+    renamed = {"w_renamed": params["w"], "b": params["b"]}  # the same shapes under another name
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 .* written for another model .*w_renamed"):
+        Checkpointer(workdir, keep=5, async_save=False).restore_latest(_abstract(renamed), _abstract(opt_state))
+    assert sorted(os.listdir(os.path.join(workdir, CHECKPOINTS_DIR))) == ["1", "2"]
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     return save_vision_checkpoint(str(tmp_path_factory.mktemp("integrity")))

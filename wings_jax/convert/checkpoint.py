@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from wings_jax.convert.checksums import ALGORITHM, checksums, mismatches
+from wings_jax.convert.checksums import ALGORITHM, checksums, mismatches, path_name
 from wings_jax.convert.hf_io import ConversionError, copy_tokenizer_files
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
@@ -140,7 +140,16 @@ def _layout_mismatch(directory: epath.Path, targets: Mapping[str, Any]) -> str |
             extra, missing = sorted((stored - wanted).elements())[:3], sorted((wanted - stored).elements())[:3]
             return (f"{item}: {sum(stored.values())} arrays stored, {sum(wanted.values())} expected; "
                     f"shapes only stored {extra}, only expected {missing}")
+        if isinstance(abstract, dict):  # nested dicts (the parameters) are stored as such: names must match too
+            stored_names, wanted_names = _names(getattr(metadata, "tree", metadata)), _names(abstract)
+            if stored_names != wanted_names:
+                return (f"{item}: arrays only stored {sorted(stored_names - wanted_names)[:3]}, only expected "
+                        f"{sorted(wanted_names - stored_names)[:3]}")
     return None
+
+
+def _names(tree: Any) -> set[str]:
+    return {path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _restore_verified(directory: epath.Path, targets: Mapping[str, Any]) -> dict[str, Any]:

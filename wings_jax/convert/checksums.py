@@ -39,7 +39,8 @@ def _array_checksum(x: jax.Array) -> jax.Array:
 _leaf_checksums = jax.jit(lambda leaves: [_array_checksum(x) for x in leaves])
 
 
-def _name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A PyTree key path as '/'-joined keys (``llm/layers/attn/q/kernel``)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -47,7 +48,7 @@ def checksums(tree: Any) -> dict[str, int]:
     """``{'/'-joined path: checksum}`` of every array of ``tree``."""
     named = jax.tree_util.tree_flatten_with_path(tree)[0]
     values = jax.device_get(_leaf_checksums([leaf for _, leaf in named]))
-    return {_name(path): int(value) for (path, _), value in zip(named, values)}
+    return {path_name(path): int(value) for (path, _), value in zip(named, values)}
 
 
 def mismatches(tree: Any, expected: Mapping[str, int]) -> list[str]:
