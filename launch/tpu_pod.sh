@@ -42,7 +42,7 @@ Create options:
   --reserved           use reserved capacity
   --create-arg ARG     extra argument for 'tpu-vm create' (repeatable), e.g. --create-arg=--network=NET
 Train options:
-  --config PATH        config file, relative to the repo root, e.g. configs/wings_qwen2_7b.py (required by train/all)
+  --config PATH        config file, relative to the repo root, e.g. configs/finetune.py (required by train/all)
   --workdir gs://...   checkpoint/log directory, must be shared by all workers (required by train/all)
   --config.KEY=VALUE   config override passed to the trainer (repeatable); so is every argument after --
   --env KEY=VALUE      environment variable exported for the trainer on every worker (repeatable)
@@ -62,7 +62,7 @@ Other options:
 
 Examples:
   $PROG all --project my-proj --zone us-east5-a --name wings-v5p --accelerator v5p-32 \\
-      --config configs/wings_qwen2_7b.py --workdir gs://my-bucket/wings/run1 --config.train.lr=1e-4
+      --config configs/finetune.py --workdir gs://my-bucket/wings/run1 --config.train.steps=2000
   $PROG logs --project my-proj --zone us-east5-a --name wings-v5p --worker 1
   $PROG stop --project my-proj --zone us-east5-a --name wings-v5p
 EOF
