@@ -34,8 +34,8 @@ from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
-from wings_jax.decoding import (Decoder, GenerationError, bucket_length, check_length, encode_chat,
-                                load_for_inference, pad_prompts, with_image_placeholders)
+from wings_jax.decoding import (Decoder, GenerationError, check_length, encode_chat, load_for_inference,
+                                with_image_placeholders)
 from wings_jax.model.wings import WingsModel
 
 if TYPE_CHECKING:
@@ -180,8 +180,7 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:
         for chunk in _chunks(_rows(decoder, tokenizer, questions), batch_size):
-            batch, scored = _score_batch(chunk, batch_size)
-            sums = decoder.option_scores(batch, *scored)[:len(chunk)]
+            sums, _ = decoder.continuation_scores(chunk, batch_size)
             scores.extend((sums / [k for _, k in chunk] if score == "mean" else sums).tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])
@@ -197,28 +196,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-# Fills the last batch up to the fixed batch size: all padding, scores nothing.
-_EMPTY_ROW = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
-                    np.zeros(0, bool))
-
-
-def _score_batch(rows: list[tuple[Prompt, int]], batch_size: int
-                 ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The padded batch (bucketed length, fixed size, tower outputs as ``image_features``) and what to score,
-    (B, K) each, K a bucket of the longest option: the positions whose next token is an option token, that
-    token, and which entries are real."""
-    prompts = [p for p, _ in rows] + [_EMPTY_ROW] * (batch_size - len(rows))
-    batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
-    if "images" in batch:
-        batch["image_features"] = batch.pop("images")
-    width = bucket_length(max(k for _, k in rows), minimum=8)
-    at, targets, valid = (np.zeros((batch_size, width), dtype) for dtype in (np.int32, np.int32, bool))
-    for i, (prompt, k) in enumerate(rows):
-        n = len(prompt.tokens)
-        at[i, :k], targets[i, :k], valid[i, :k] = np.arange(n - k - 1, n - 1), prompt.tokens[n - k:], True
-    return batch, (at, targets, valid)
 
 
 def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray]) -> dict:
