@@ -19,7 +19,6 @@ setup(
         "tensorflow-datasets>=4.9.8",
         "etils[epath,epath-gcs]",  # gs:// workdirs, checkpoints and data
         "google-cloud-storage",  # TensorBoard event files on gs://
-        "einops>=0.8",
         "ml_collections>=1.0",
         "absl-py",
         "safetensors>=0.4",

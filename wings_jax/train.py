@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from wings_jax import sharding
-from wings_jax.config import ConfigError, load_config, parse_command_line
+from wings_jax.config import ConfigError, parse_command_line
 from wings_jax.convert import checkpoint
 from wings_jax.convert.hf_io import copy_tokenizer_files
 from wings_jax.data.assemble import batch_spec
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _log_to_stderr()
     try:
-        path, overrides, rest = parse_command_line(argv)
+        cfg, path, rest = parse_command_line(argv, default=DEFAULT_CONFIG)
         parser = argparse.ArgumentParser(prog="python -m wings_jax.train", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--workdir", help="default: runs/<config name>")
@@ -342,11 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(rest)
         if args.topology and not args.compile_only:
             raise ConfigError("--topology only makes sense with --compile_only")
-        if path is None:
-            path = DEFAULT_CONFIG
-            if not os.path.exists(path):
-                raise ConfigError(f"no --config given and the demo config {path} is missing; pass --config")
-        cfg = load_config(path, overrides)
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
         if args.compile_only:
             from wings_jax import aot

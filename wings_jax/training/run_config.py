@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ml_collections
+from ml_collections import config_dict
 
 from wings_jax.config import ConfigError
 from wings_jax.convert import checkpoint
@@ -36,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
         "projector": "mlp2x_gelu",
         # Applied on top of init_from's config too (e.g. stage 2 from a stage-1 checkpoint).
         "wings": ml_collections.ConfigDict({
-            "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": None,
+            "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": config_dict.placeholder(tuple),  # None: every layer
             "causal_images": False, "mixing": "corrected",
         }),
     })
