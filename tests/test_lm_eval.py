@@ -133,7 +133,8 @@ def test_two_processes_give_one_process_samples(runs, tmp_path):
 
 def test_reference_rows_score_as_batch_of_one(tmp_path):
     """The released code's forward depends on the batch: each row must score as it does alone."""
-    from wings_jax.lm_eval import REFERENCE_NOTE, WingsLM
+    from wings_jax.harness import REFERENCE_NOTE
+    from wings_jax.lm_eval import WingsLM
 
     tokenizer_dir, ckpt = str(tmp_path / "tokenizer"), str(tmp_path / "ckpt")
     build_local_qwen_tokenizer(tokenizer_dir, 512)

@@ -110,6 +110,14 @@ def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
 
 
+def with_continuation(prompt: Prompt, ids: np.ndarray) -> Prompt:
+    """``prompt`` followed by the text tokens ``ids`` (an answer to score)."""
+    n = len(prompt.tokens) + len(ids)
+    return prompt._replace(tokens=np.concatenate([prompt.tokens, ids]).astype(np.int32),
+                           positions=np.arange(n, dtype=np.int32),
+                           text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)]))
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them) that holds ``n``.
 

@@ -35,7 +35,7 @@ from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
 from wings_jax.decoding import (Decoder, GenerationError, check_length, encode_chat, load_for_inference,
-                                with_image_placeholders)
+                                with_continuation, with_image_placeholders)
 from wings_jax.model.wings import WingsModel
 
 if TYPE_CHECKING:
@@ -156,9 +156,7 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
                 check_length(decoder.cfg, n, "the question with this option", "shorten the record")
             except GenerationError as e:
                 raise _bad_record(q, e) from None
-            yield prompt._replace(tokens=np.concatenate([prompt.tokens, ids]),
-                                  positions=np.arange(n, dtype=np.int32),
-                                  text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)])), len(ids)
+            yield with_continuation(prompt, ids), len(ids)
 
 
 SCORES = ("sum", "mean")
