@@ -151,8 +151,9 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
         batch["images"] = np.zeros((b, num_images, *size), np.float32)
         batch["image_mask"] = np.zeros((b, num_images), bool)
         for row, p in enumerate(prompts):
-            batch["images"][row, :len(p.image_mask)] = p.images
-            batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+            if len(p.image_mask):  # a row without images may hold them in another layout (0, ...)
+                batch["images"][row, :len(p.image_mask)] = p.images
+                batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
     return batch
 
 
@@ -320,6 +321,12 @@ class Decoder:
         batch, scored = continuation_batch(rows, batch_size)
         total, greedy = self._steps.option_scores(self.state, *self._place((batch, *scored)))
         return np.asarray(total)[:len(rows)], np.asarray(greedy)[:len(rows)]
+
+    def with_image_features(self, prompt: Prompt) -> Prompt:
+        """``prompt`` with its images' tower outputs in place of their pixels (what scoring batches take)."""
+        if not len(prompt.image_mask):
+            return prompt
+        return prompt._replace(images=np.asarray(self.image_features(prompt.images[None]))[0])
 
     def image_features(self, images: np.ndarray | jax.Array) -> jax.Array:
         """Tower outputs (B, I, T, D_vision) of pixels (B, I, S, S, 3). Batches that carry them as

@@ -147,8 +147,7 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
                                  [Turn("user", with_image_placeholders(q.question, len(images)))], images)
         except (DataError, GenerationError) as e:
             raise _bad_record(q, e) from None
-        if images:
-            prompt = prompt._replace(images=np.asarray(decoder.image_features(prompt.images[None]))[0])
+        prompt = decoder.with_image_features(prompt)  # once for all the question's options
         for option in q.options:
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
