@@ -239,7 +239,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
-    writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process)
+    writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process,
+                           wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     if start == 0:
         writer.message(f"model FLOPs per step: {p.flops_per_step:.4g}; peak per device: "
                        f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "

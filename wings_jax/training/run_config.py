@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 1,
         "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0: from the device kind (wings_jax.flops)
         "profile_steps": (),  # (first, last): write a profiler trace of these steps to WORKDIR/profile
+        "wandb_project": "",  # also log to this Weights & Biases project (pip install 'wings_jax[wandb]')
     })
     c.optim = ml_collections.ConfigDict({
         "groups": ml_collections.ConfigDict(FINETUNE_GROUPS),
