@@ -8,14 +8,17 @@ lengths, so a whole evaluation compiles a handful of shapes. Each host holds a f
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from wings_jax.config import ConfigError
+from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IM_END, IM_START
+from wings_jax.data.errors import DataError
 from wings_jax.decoding import Decoder, GenerationError, Sampling, decode_text, load_for_inference
 from wings_jax.sharding import make_mesh
 
@@ -142,3 +145,24 @@ class HarnessModel:
                     text = text.split(stop)[0]
                 out[i] = text
         return out
+
+
+def hand_over(cli: Callable[[], None], prefix: Sequence[str], rest: Sequence[str],
+              before: Callable[[], None] = lambda: None) -> int:
+    """Runs a harness's own command line ``cli`` (it reads ``sys.argv``) as ``prefix + --model wings_jax + rest``;
+    our errors (bad checkpoint, request too long, ...) end it with one line on stderr and status 2."""
+    if any(a == "--model" or a.startswith("--model=") for a in rest):
+        print("error: --model is always wings_jax here; give the checkpoint as --model_args ckpt=PATH",
+              file=sys.stderr)
+        return 2
+    saved = sys.argv
+    try:
+        before()
+        sys.argv = [*prefix, "--model", "wings_jax", *rest]
+        cli()
+    except (ConfigError, ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0

@@ -36,11 +36,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from wings_jax.config import ConfigError
-from wings_jax.convert.hf_io import ConversionError
-from wings_jax.data.errors import DataError
-from wings_jax.decoding import GenerationError
-from wings_jax.harness import HarnessModel
+from wings_jax.harness import HarnessModel, hand_over
 
 
 @register_model("wings_jax")
@@ -155,21 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wings_jax.train import _initialize_distributed
 
     ours, rest = _distributed_flags().parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    if any(a == "--model" or a.startswith("--model=") for a in rest):
-        print("error: --model is always wings_jax here; give the checkpoint as --model_args ckpt=PATH",
-              file=sys.stderr)
-        return 2
-    saved = sys.argv
-    try:
-        _initialize_distributed(ours)
-        sys.argv = ["lm-eval", "run", "--model", "wings_jax", *rest]
-        cli_evaluate()
-    except (ConfigError, ConversionError, DataError, GenerationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv = saved
-    return 0
+    return hand_over(cli_evaluate, ["lm-eval", "run"], rest, before=lambda: _initialize_distributed(ours))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
-from wings_jax.config import ConfigError
-from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
 from wings_jax.decoding import GenerationError, encode_chat, with_continuation, with_image_placeholders
-from wings_jax.harness import HarnessModel
+from wings_jax.harness import HarnessModel, hand_over
 
 
 class WingsLMMS(lmms):
@@ -104,21 +102,7 @@ MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id="wings_jax", simple_c
 def main(argv: Sequence[str] | None = None) -> int:
     from lmms_eval.__main__ import cli_evaluate
 
-    rest = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--model" or a.startswith("--model=") for a in rest):
-        print("error: --model is always wings_jax here; give the checkpoint as --model_args ckpt=PATH",
-              file=sys.stderr)
-        return 2
-    saved = sys.argv
-    try:
-        sys.argv = ["lmms-eval", "--model", "wings_jax", *rest]
-        cli_evaluate()
-    except (ConfigError, ConversionError, DataError, GenerationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv = saved
-    return 0
+    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
