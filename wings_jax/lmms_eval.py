@@ -1,0 +1,109 @@
+"""A wings_jax checkpoint as a model of lmms-eval (EvolvingLMMs-Lab's multimodal evaluation harness).
+
+    python -m wings_jax.lmms_eval --model_args ckpt=CKPT[,dtype=bfloat16,max_length=2048,max_gen_toks=256] \\
+        --tasks mme,mmbench_en_dev --batch_size 8 [every other lmms-eval flag: --include_path, --limit,
+        --output_path, --log_samples, ...]
+
+registers the model ``wings_jax`` with lmms-eval and hands the command line over to lmms-eval's own CLI
+(``pip install 'wings_jax[lmms]'``). Every request is one user turn of Wings' ChatML conversation (the
+system prompt first, one ``<image>`` line per image before the text unless the text places them), its
+images read by ``wings_jax.data.images`` (padded to squares, resized, normalised) and encoded by the
+tower; ``loglikelihood`` scores the continuation after the assistant header, ``generate_until`` decodes
+there. Batching, devices and reference-mode checkpoints are as in ``python -m wings_jax.lm_eval``.
+
+Several hosts: lmms-eval distributes requests with torch.distributed (``WORLD_SIZE``, ``RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``; it starts a gloo group itself). Start one process per host with those
+set; each scores its share on its own devices with a full copy of the parameters.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+from lmms_eval.api.model import lmms
+from lmms_eval.models import MODEL_REGISTRY_V2
+from lmms_eval.models.registry_v2 import ModelManifest
+from PIL import Image
+from tqdm import tqdm
+
+from wings_jax.data.assemble import Prompt
+from wings_jax.data.conversation import Turn
+from wings_jax.data.errors import DataError
+from wings_jax.decoding import GenerationError, encode_chat, with_continuation, with_image_placeholders
+from wings_jax.harness import HarnessModel, hand_over
+
+
+class WingsLMMS(lmms):
+    """lmms-eval's ``lmms`` over a wings_jax checkpoint (see the module docstring)."""
+
+    is_simple = True
+
+    def __init__(self, ckpt: str, dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256,
+                 batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        del max_batch_size, device  # lmms-eval always passes them; JAX places the work on this host's devices
+        self.engine = HarnessModel(ckpt, dtype, batch_size, max_length, max_gen_toks, seed)
+        self._rank, self._world_size = 0, 1  # lmms-eval sets them when it distributes
+
+    def _doc(self, doc_id, task, split) -> dict:
+        return self.task_dict[task][split][doc_id]
+
+    def _prompt(self, context: str, visuals: Sequence[Any] | None, where: str) -> Prompt:
+        images = [v for v in (visuals or []) if v is not None]
+        if any(not isinstance(v, Image.Image) for v in images):
+            raise DataError(f"{where}: the wings_jax model takes images only, got "
+                            f"{sorted({type(v).__name__ for v in images})}")
+        engine = self.engine
+        return encode_chat(engine.cfg, engine.tokenizer,
+                           [Turn("user", with_image_placeholders(context, len(images)))], images)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        rows = []
+        for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            doc, where = self._doc(doc_id, task, split), f"{task}/{split}/{doc_id}"
+            continuation = target(doc) if callable(target) else target
+            prompt = self.engine.decoder.with_image_features(self._prompt(context, doc_to_visual(doc), where))
+            ids = np.asarray(self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
+            if len(prompt.tokens) + len(ids) > self.engine.max_length + 1:
+                raise GenerationError(f"{where}: {len(prompt.tokens) + len(ids)} tokens with the continuation, "
+                                      f"more than max_length={self.engine.max_length} + 1; raise model_args max_length")
+            rows.append((with_continuation(prompt, ids), len(ids)))
+        with tqdm(total=len(rows), desc="loglikelihood", disable=self.rank != 0) as bar:
+            return self.engine.score(rows, bar.update)
+
+    def generate_until(self, requests) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):  # one generation setting per batch
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc="generate_until", disable=self.rank != 0) as bar:
+            for members in groups.values():
+                settings = self.engine.generation_settings(requests[members[0]].args[1])
+                prompts = []
+                for i in members:
+                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                    doc = self._doc(doc_id, task, split)
+                    prompts.append(self._prompt(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}"))
+                for i, text in zip(members, self.engine.generate(prompts, settings)):
+                    out[i] = text
+                bar.update(len(members))
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("the wings_jax model does not run multi-round generation tasks")
+
+
+MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id="wings_jax", simple_class_path=f"{__name__}.WingsLMMS"),
+                                    overwrite=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lmms_eval.__main__ import cli_evaluate
+
+    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
