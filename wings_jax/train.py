@@ -97,14 +97,15 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
         return WingsModel(model_cfg, rt, rngs=rngs)
 
     abstract = abstract_model(make_model)
-    owner = assign_groups(list(flat_variables(nnx.state(abstract, nnx.Param))), cfg.optim.groups.to_dict())
+    optim = run_config.optim_settings(cfg, model_cfg)
+    owner = assign_groups(list(flat_variables(nnx.state(abstract, nnx.Param))), optim["groups"])
     graphdef, trainable_state, frozen_state = nnx.split(abstract, trainable_filter(owner), ...)
     trainable_sh = sharding.state_shardings(trainable_state, mesh, rules)
     frozen_sh = sharding.state_shardings(frozen_state, mesh, rules)
     abstract_trainable = _with_shardings(trainable_state.to_pure_dict(), trainable_sh)
     abstract_frozen = _with_shardings(frozen_state.to_pure_dict(), frozen_sh)
 
-    tx, schedules = make_optimizer(abstract_trainable, owner, cfg.optim, cfg.train.steps)
+    tx, schedules = make_optimizer(abstract_trainable, owner, optim, cfg.train.steps)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shapes = jax.eval_shape(tx.init, abstract_trainable)
     opt_sh = _opt_state_shardings(opt_shapes, trainable_sh, replicated)

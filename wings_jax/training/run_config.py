@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         "projector": "mlp2x_gelu",
         # Applied on top of init_from's config too (e.g. stage 2 from a stage-1 checkpoint).
         "wings": ml_collections.ConfigDict({
+            "enabled": True,  # False: no learners or routers at all (LLaVA-style); learner groups are dropped
             "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": None,
             "causal_images": False, "mixing": "corrected",
         }),
@@ -93,6 +94,15 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model config: {e}") from None
+
+
+def optim_settings(cfg: ml_collections.ConfigDict, model: WingsModelConfig) -> dict:
+    """``cfg.optim`` for this model: one without the Wings branch drops the groups of learner parameters
+    (so any recipe trains a LLaVA-style model: stage 1 the projector, stage 2 the LLM and projector)."""
+    optim = cfg.optim.to_dict()
+    if not model.wings.enabled:
+        optim["groups"] = {n: g for n, g in optim["groups"].items() if not g["pattern"].startswith(LEARNERS)}
+    return optim
 
 
 def runtime(cfg: ml_collections.ConfigDict) -> Runtime:
