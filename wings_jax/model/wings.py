@@ -90,6 +90,14 @@ class WingsModel(nnx.Module):
                                     per_layer=jnp.asarray(self.layer_flags))
         return hidden
 
+    def attention_mass(self, batch: Batch, key_groups: jax.Array) -> jax.Array:
+        """Per layer, the main attention's head-summed mass (layers, B, L, G) that each position of a
+        teacher-forced batch gives to each group of keys marked by ``key_groups`` (B, L, G) (e.g. pre-image
+        text, image tokens): the paper's attention-shift view, without materialising probabilities."""
+        x, side = self._inputs(batch, cache=None)
+        return self.llm.attention_mass(x, batch["positions"], batch["segment_ids"], key_groups, side_inputs=side,
+                                       per_layer=jnp.asarray(self.layer_flags))
+
     def __call__(self, batch: Batch) -> jax.Array:
         """Logits (B, L, vocab) of a teacher-forced batch."""
         return self.llm.logits(self.hidden_states(batch))
