@@ -138,8 +138,9 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
         batch["images"] = np.zeros((b, num_images, *size), np.float32)
         batch["image_mask"] = np.zeros((b, num_images), bool)
         for row, p in enumerate(prompts):
-            batch["images"][row, :len(p.image_mask)] = p.images
-            batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+            if len(p.image_mask):  # rows without images keep zeros (their placeholder shape may differ)
+                batch["images"][row, :len(p.image_mask)] = p.images
+                batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
     return batch
 
 
