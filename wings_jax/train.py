@@ -35,6 +35,7 @@ from wings_jax.data.assemble import batch_spec
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
@@ -200,6 +201,14 @@ def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
     cfg.data.tokenizer = demo.tokenizer_dir
 
 
+def _held_out_accuracy(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, tokenizer: Any,
+                       questions: dict[str, list[Question]], batch_size: int) -> dict[str, float]:
+    """``eval/<name>``: multiple-choice accuracy of the current parameters on each held-out set."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    return {f"eval/{name}": evaluate(model, tokenizer, qs, batch_size, progress=False)["accuracy"]
+            for name, qs in questions.items()}
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics and how the run ended.
 
@@ -240,12 +249,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
+    eval_every = cfg.train.eval_every
+    questions = {name: read_questions(path) for name, path in cfg.train.eval_data.items()} if eval_every else {}
+    graphdef = nnx.split(abstract_model(p.make_model))[0] if eval_every else None
     writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process)
     if start == 0:
         writer.message(f"model FLOPs per step: {p.flops_per_step:.4g}; peak per device: "
                        f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "
                        f"mesh {dict(mesh.shape)}; {sum(x.size for x in jax.tree.leaves(trainable)):,} trainable "
                        f"parameters in groups {sorted(set(p.owner.values()))}")
+        if eval_every:
+            writer.write(0, _held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
+                                               cfg.train.eval_batch_size))
     guard = PreemptionGuard()
     profile = tuple(cfg.train.profile_steps)
     tracing = False
@@ -281,7 +296,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
                 "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
             }
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            evaluated = eval_every and (done % eval_every == 0 or done == cfg.train.steps)
+            if evaluated:
+                last.update(_held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
+                                               cfg.train.eval_batch_size))
+            if evaluated or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
                 ckpt.save(done, merge_params(trainable, frozen), opt_state,

@@ -53,6 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 1,
         "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0: from the device kind (wings_jax.flops)
         "profile_steps": (),  # (first, last): write a profiler trace of these steps to WORKDIR/profile
+        # held-out multiple-choice accuracy (wings_jax.evaluate) every eval_every steps, at step 0 of a new run
+        # and at the end, logged as eval/<name>; eval_data maps names to question JSONL files; 0: off
+        "eval_every": 0,
+        "eval_data": ml_collections.ConfigDict(),
+        "eval_batch_size": 16,
     })
     c.optim = ml_collections.ConfigDict({
         "groups": ml_collections.ConfigDict(FINETUNE_GROUPS),
@@ -136,5 +141,10 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
     if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] <= t.profile_steps[1] < t.steps):
         raise ConfigError(f"train.profile_steps={t.profile_steps!r} must be (first, last) with 0 <= first <= last "
                           f"< train.steps={t.steps}")
+    if t.eval_every < 0 or t.eval_batch_size <= 0 or (t.eval_every and not t.eval_data):
+        raise ConfigError(f"train.eval_every={t.eval_every} needs train.eval_data (name -> questions JSONL) and "
+                          f"a positive train.eval_batch_size (is {t.eval_batch_size}); eval_every=0 turns it off")
+    if t.eval_every and process_count > 1:
+        raise ConfigError("train.eval_every runs on one process only for now; set it to 0 for multi-host runs")
     if model.vision is None and cfg.data.max_images:
         raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
