@@ -33,3 +33,6 @@ def test_quick_run_gives_well_formed_results(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert all(arm in printed for arm in ARMS) and "text before" in printed
+    # finished runs are reused, so an output directory of other settings is refused
+    assert main(["--out", out, "--quick", "--seeds", "1", "--lora-rank", "4"]) == 2
+    assert "choose a new --out" in capsys.readouterr().err

@@ -66,7 +66,8 @@ class Settings:
     stage1_steps: int = 40
     stage1_lr: float = 3e-3  # projector and visual learners (the projector keeps it in stage 2)
     stage2_steps: int = 100
-    stage2_lr: float = 5e-4  # LLM and learners: equal rates, as in the recipe
+    stage2_lr: float = 5e-4  # LLM and learners: equal rates, as in the recipe ...
+    learner_lr: float = 0.0  # ... unless set here (stage-2 rate of the learners and routers)
     eval_every: int = 25
     batch: int = 16
     max_len: int = 64
@@ -120,8 +121,8 @@ def _stage_config(files: Files, s: Settings, arm: str, stage: int, init_from: st
         sources = [source_config("llava_json", files.captions, image_root=images)]
         c = _config(files, s, steps=s.stage1_steps, groups=groups, sources=sources, seed=seed)
     else:
-        groups = {name: dict(g, lr=s.stage1_lr if name == "projector" else s.stage2_lr)
-                  for name, g in FINETUNE_GROUPS.items()}
+        rates = {"projector": s.stage1_lr, "llm": s.stage2_lr, "learners": s.learner_lr or s.stage2_lr}
+        groups = {name: dict(g, lr=rates[name]) for name, g in FINETUNE_GROUPS.items()}
         sources = [source_config("llava_json", files.questions, image_root=images, weight=1.0 - text_fraction)]
         if text_fraction > 0:
             sources.append(source_config("llava_json", files.text_train, weight=text_fraction))
@@ -197,11 +198,14 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         train(cfg, workdir)
 
 
-def run(out: str, seeds: int = 3, text_fractions: Sequence[float] = (0.0, 0.1), quick: bool = False) -> dict:
-    """Runs the whole experiment under ``out`` (finished runs there are reused) and returns its results."""
+def run(out: str, seeds: int = 3, text_fractions: Sequence[float] = (0.0, 0.1), quick: bool = False,
+        **changes: Any) -> dict:
+    """Runs the whole experiment under ``out`` (finished runs there are reused) and returns its results;
+    ``changes`` replace :class:`Settings` fields (e.g. ``stage2_lr``)."""
     start = time.perf_counter()
-    s = Settings.quick() if quick else Settings()
+    s = dataclasses.replace(Settings.quick() if quick else Settings(), **changes)
     out = os.path.abspath(out)
+    _claim(out, s)
     files = make_data(os.path.join(out, "data"), text_records=s.text_records, image_records=s.image_records,
                       heldout=s.heldout)
     text_run = os.path.join(out, "text_model")
@@ -251,6 +255,20 @@ def run(out: str, seeds: int = 3, text_fractions: Sequence[float] = (0.0, 0.1), 
         json.dump(results, f, indent=2)
     plot(results, os.path.join(out, "text_accuracy.png"))
     return results
+
+
+def _claim(out: str, s: Settings) -> None:
+    """Finished runs under ``out`` are reused, so ``out`` must belong to these settings."""
+    path = os.path.join(out, "settings.json")
+    wanted = dataclasses.asdict(s)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) != wanted:
+                raise ValueError(f"{out} holds runs of other settings ({path}); choose a new --out")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(wanted, f, indent=2)
 
 
 MEASURES = ("text_before", "text_after", "mm_after")
@@ -317,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in about a minute")
     parser.add_argument("--text-fraction", type=float, nargs="+", default=[0.0, 0.1],
                         help="share of text-only records in stage 2 (the first is the headline 'arms')")
+    parser.add_argument("--stage2-lr", type=float, help=f"LLM and learner rate of stage 2 "
+                                                        f"(default {Settings.stage2_lr})")
+    parser.add_argument("--learner-lr", type=float, help="stage-2 rate of the learners (default: --stage2-lr)")
+    parser.add_argument("--lora-rank", type=int, help=f"learner rank (default {Settings.lora_rank})")
     args = parser.parse_args(argv)
     if args.seeds < 1 or any(not 0 <= f < 1 for f in args.text_fraction):
         parser.error("--seeds must be >= 1 and every --text-fraction in [0, 1)")
@@ -324,7 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.abspath(args.out), "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    results = run(args.out, args.seeds, args.text_fraction, args.quick)
+    changes = {k: getattr(args, k) for k in ("stage2_lr", "learner_lr", "lora_rank") if getattr(args, k) is not None}
+    try:
+        results = run(args.out, args.seeds, args.text_fraction, args.quick, **changes)
+    except ValueError as e:  # the package's errors name the file or setting at fault
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(results))
     print(f"text model: {results['text_model']['text_accuracy']:.3f} held-out text accuracy after "
           f"{results['text_model']['steps']} steps; wall time {results['wall_time_s']:.0f} s; "
