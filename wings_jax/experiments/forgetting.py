@@ -44,6 +44,7 @@ from wings_jax.evaluate import read_questions
 from wings_jax.experiments.synthetic import Files, make_data
 from wings_jax.model.wings import WingsModel
 from wings_jax.params import flat_values, materialize
+from wings_jax.sharding import make_mesh
 from wings_jax.train import train
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
@@ -195,7 +196,7 @@ def attention_shift(workdir: str, probe_file: str) -> dict[str, Any]:
 def _train(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     cfg.lock()
     if not os.path.exists(os.path.join(workdir, "checkpoints", str(cfg.train.steps))):
-        train(cfg, workdir)
+        train(cfg, workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 
 def run(out: str, seeds: int = 3, text_fractions: Sequence[float] = (0.0, 0.1), quick: bool = False,
