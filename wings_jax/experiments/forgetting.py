@@ -109,7 +109,7 @@ def _text_config(files: Files, s: Settings) -> ml_collections.ConfigDict:
     c.model.vision.update(VISION)
     c.model.wings.update(dict(enabled=False, router_max_len=128))
     c.data.max_images = 0  # text-only rows: no image slots, the tower never runs
-    c.train.update(dict(eval_every=s.text_steps, eval_batch_size=32))
+    c.train.eval_every = s.text_steps  # step 0 and the end
     c.train.eval_data = {"text": files.text_heldout}
     return c
 
@@ -129,7 +129,7 @@ def _stage_config(files: Files, s: Settings, arm: str, stage: int, init_from: st
             sources.append(source_config("llava_json", files.text_train, weight=text_fraction))
         c = _config(files, s, steps=s.stage2_steps, groups=groups, sources=sources, seed=seed,
                     eval_every=s.eval_every)
-    # (the llava arm's model has no learners: run_config drops their groups, so it trains the rest)
+    # the llava arm's model has no learners: run_config drops their groups, so it trains the rest
     c.init_from = init_from
     c.model.wings.stage = "pretrain" if stage == 1 else "finetune"
     return c
