@@ -296,3 +296,31 @@ def test_eval_every_logs_held_out_accuracy_with_the_other_metrics(demo_data, tmp
     cfg = _config(demo_data, "train.eval_every=3")
     with pytest.raises(ConfigError, match="train.eval_data"):
         plan(cfg, _single_device_mesh())
+
+
+def test_step_times_leave_the_evaluation_out(demo_data, tmp_path, monkeypatch):
+    """A fake clock jumps by 1000 s during each evaluation: no logged step time may include the jump."""
+    import types
+
+    import wings_jax.train as train_module
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
+
+    def slow_evaluation(*args):
+        offset[0] += 1000.0
+        return {"eval/fake": 0.5}
+
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(train_module, "_held_out_accuracy", slow_evaluation)
+    workdir = str(tmp_path / "run")
+    cfg = _config(demo_data, "train.steps=4", "train.eval_every=2", "checkpoint.every=100")
+    cfg.unlock()
+    cfg.train.eval_data = {"fake": "unused.jsonl"}
+    cfg.lock()
+    monkeypatch.setattr(train_module, "read_questions", lambda path: [])
+    train(cfg, workdir, mesh=_single_device_mesh())
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "eval/fake" in r] == [0, 2, 4]
+    assert all(r["step_time_s"] < 1000 for r in records if "step_time_s" in r)

@@ -300,6 +300,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
             if evaluated:
                 last.update(_held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
                                                cfg.train.eval_batch_size))
+                tick = time.perf_counter()  # the next step's time and throughput leave the evaluation out
             if evaluated or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
