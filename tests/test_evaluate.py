@@ -98,6 +98,10 @@ def test_scores_and_accuracy(setup, capsys):
     assert len(set(lengths)) > 1
     np.testing.assert_allclose(np.concatenate(means[1:] + means[:1]), np.asarray(expected) / lengths,
                                rtol=1e-5, atol=1e-4)
+    # Batches that mix image rows with text rows (and padding rows) score the same.
+    for size in (3, 16):
+        mixed = score_options(model, tokenizer, questions, batch_size=size, progress=False)
+        np.testing.assert_allclose(np.concatenate(mixed), np.concatenate(scores), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="score must be one of"):
         score_options(model, tokenizer, questions, score="max")
 

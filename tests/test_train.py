@@ -17,6 +17,8 @@ from wings_jax.config import ConfigError, load_config
 from wings_jax.convert.checkpoint import load_model
 from jax_env import xla_flags
 from wings_jax.data.demo import ensure_demo_dataset
+from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.evaluate import evaluate, read_questions
 from wings_jax.generate import main as generate_main
 from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
@@ -314,3 +316,60 @@ def test_a_text_only_model_trains_on_text_data(demo_data, tmp_path):
     assert result["step"] == 2 and all(np.isfinite(losses[s]) for s in (1, 2))
     model, _ = load_model(str(tmp_path / "text"))
     assert model.vision is None
+
+
+def test_eval_every_logs_held_out_accuracy_with_the_other_metrics(demo_data, tmp_path):
+    demo = ensure_demo_dataset(demo_data, num_records=128)
+    questions = str(tmp_path / "questions.jsonl")
+    with open(questions, "w") as f:
+        for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]:
+            f.write(json.dumps({"question": f"What is {a} plus {b}?", "options": [f"{a} plus {b} is {a + b}.",
+                                f"{a} plus {b} is {a + b + 1}."], "answer": "A"}) + "\n")
+        f.write(json.dumps({"question": "What colour is the image?", "options": ["It is red.", "It is blue."],
+                            "answer": 0, "image": os.path.join(demo.image_root, "00000.png")}) + "\n")
+    workdir = str(tmp_path / "run")
+    cfg = _config(demo_data, "train.steps=5", "train.log_every=100", "train.eval_every=2", "checkpoint.every=100",
+                  "train.eval_batch_size=4")
+    cfg.unlock()
+    cfg.train.eval_data = {"mixed": questions}
+    cfg.lock()
+    train(cfg, workdir, mesh=_single_device_mesh())
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = {r["step"]: r for r in map(json.loads, f)}
+    assert sorted(records) == [0, 2, 4, 5]  # step 0, every 2 steps, the end (the loss is logged with them)
+    assert all(0 <= records[s]["eval/mixed"] <= 1 for s in records) and "loss" in records[4]
+    model, _ = load_model(workdir)
+    tokenizer = load_tokenizer(workdir)
+    standalone = evaluate(model, tokenizer, read_questions(questions), batch_size=4, progress=False)
+    assert records[5]["eval/mixed"] == standalone["accuracy"]
+    cfg = _config(demo_data, "train.eval_every=3")
+    with pytest.raises(ConfigError, match="train.eval_data"):
+        plan(cfg, _single_device_mesh())
+
+
+def test_step_times_leave_the_evaluation_out(demo_data, tmp_path, monkeypatch):
+    """A fake clock jumps by 1000 s during each evaluation: no logged step time may include the jump."""
+    import types
+
+    import wings_jax.train as train_module
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
+
+    def slow_evaluation(*args):
+        offset[0] += 1000.0
+        return {"eval/fake": 0.5}
+
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(train_module, "_held_out_accuracy", slow_evaluation)
+    workdir = str(tmp_path / "run")
+    cfg = _config(demo_data, "train.steps=4", "train.eval_every=2", "checkpoint.every=100")
+    cfg.unlock()
+    cfg.train.eval_data = {"fake": "unused.jsonl"}
+    cfg.lock()
+    monkeypatch.setattr(train_module, "read_questions", lambda path: [])
+    train(cfg, workdir, mesh=_single_device_mesh())
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "eval/fake" in r] == [0, 2, 4]
+    assert all(r["step_time_s"] < 1000 for r in records if "step_time_s" in r)

@@ -42,6 +42,7 @@ from wings_jax.data.assemble import batch_spec
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import count_flops, peak_flops_per_device
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
@@ -104,14 +105,15 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
         return WingsModel(model_cfg, rt, rngs=rngs)
 
     abstract = abstract_model(make_model)
-    owner = assign_groups(list(flat_variables(nnx.state(abstract, nnx.Param))), cfg.optim.groups.to_dict())
+    optim = run_config.optim_settings(cfg, model_cfg)
+    owner = assign_groups(list(flat_variables(nnx.state(abstract, nnx.Param))), optim["groups"])
     graphdef, trainable_state, frozen_state = nnx.split(abstract, trainable_filter(owner), ...)
     trainable_sh = sharding.state_shardings(trainable_state, mesh, rules)
     frozen_sh = sharding.state_shardings(frozen_state, mesh, rules)
     abstract_trainable = _with_shardings(trainable_state.to_pure_dict(), trainable_sh)
     abstract_frozen = _with_shardings(frozen_state.to_pure_dict(), frozen_sh)
 
-    tx, schedules = make_optimizer(abstract_trainable, owner, cfg.optim, cfg.train.steps)
+    tx, schedules = make_optimizer(abstract_trainable, owner, optim, cfg.train.steps)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shapes = jax.eval_shape(tx.init, abstract_trainable)
     opt_sh = _opt_state_shardings(opt_shapes, trainable_sh, replicated)
@@ -206,6 +208,14 @@ def _prepare_demo_data(cfg: ml_collections.ConfigDict) -> None:
     cfg.data.tokenizer = demo.tokenizer_dir
 
 
+def _held_out_accuracy(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, tokenizer: Any,
+                       questions: dict[str, list[Question]], batch_size: int) -> dict[str, float]:
+    """``eval/<name>``: multiple-choice accuracy of the current parameters on each held-out set."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    return {f"eval/{name}": evaluate(model, tokenizer, qs, batch_size, progress=False)["accuracy"]
+            for name, qs in questions.items()}
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
           guard: PreemptionGuard | None = None) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics and how the run ended.
@@ -248,6 +258,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
+    eval_every = cfg.train.eval_every
+    questions = {name: read_questions(path) for name, path in cfg.train.eval_data.items()} if eval_every else {}
+    graphdef = nnx.split(abstract_model(p.make_model))[0] if eval_every else None
     writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process,
                            wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     if start == 0:
@@ -255,6 +268,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                        f"{'unknown (MFU not reported)' if peak is None else f'{peak:.4g} FLOP/s'}; "
                        f"mesh {dict(mesh.shape)}; {sum(x.size for x in jax.tree.leaves(trainable)):,} trainable "
                        f"parameters in groups {sorted(set(p.owner.values()))}")
+        if eval_every:
+            writer.write(0, _held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
+                                               cfg.train.eval_batch_size))
     profile = tuple(cfg.train.profile_steps)
     tracing = False
     last, ended, saved_step = {}, "completed", start if restored is not None else None
@@ -293,7 +309,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
                 "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
             }
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            evaluated = eval_every and (done % eval_every == 0 or done == cfg.train.steps)
+            if evaluated:
+                last.update(_held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
+                                               cfg.train.eval_batch_size))
+                tick = time.perf_counter()  # the next step's time and throughput leave the evaluation out
+            if evaluated or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 writer.write(done, last)
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or guard.requested:
                 ckpt.save(done, merge_params(trainable, frozen), opt_state,

@@ -1,6 +1,6 @@
 """Weight conversion command line.
 
-    python -m wings_jax.convert import-hf --llm QWEN_DIR [--vision SIGLIP_DIR] --out CKPT [--stage finetune]
+    python -m wings_jax.convert import-hf --llm QWEN_DIR [--vision SIGLIP_DIR] --out CKPT [--stage finetune] [--no-wings]
     python -m wings_jax.convert import-wings --src RELEASED_DIR --out CKPT [--mixing reference|corrected]
     python -m wings_jax.convert export-wings --ckpt CKPT --out DIR [--dtype source|float32|bfloat16]
     python -m wings_jax.convert export-hf-llm --ckpt CKPT --out DIR [--dtype ...]
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", help="SigLIP directory (SiglipVisionModel or SiglipModel)")
     p.add_argument("--out", required=True)
     p.add_argument("--stage", choices=STAGES, default="pretrain")
+    p.add_argument("--no-wings", action="store_true",
+                   help="no learners or routers: a LLaVA-style model (wings.enabled=False)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--learner-layers", type=int, nargs="*", help="default: every layer")
     p.add_argument("--router-max-len", type=int, default=4096)
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _refuse_existing(args.out)
         if args.command == "import-hf":
-            wings = WingsConfig(stage=args.stage, lora_rank=args.lora_rank, router_max_len=args.router_max_len,
+            wings = WingsConfig(enabled=not args.no_wings, stage=args.stage, lora_rank=args.lora_rank, router_max_len=args.router_max_len,
                                 learner_layers=tuple(args.learner_layers) if args.learner_layers else None,
                                 causal_images=args.causal_images)
             model, meta = build_from_hf(args.llm, args.vision, wings, Runtime(param_dtype=args.param_dtype),

@@ -204,6 +204,9 @@ def _host_params(model: WingsModel) -> dict[str, np.ndarray]:
 def export_wings(model: WingsModel, out: str, dtype: str, metadata: Mapping[str, Any] | None = None) -> list[str]:
     """Writes the released layout (config.json + safetensors) for ``model``."""
     cfg = model.cfg
+    if not cfg.wings.enabled:
+        raise ConversionError("export-wings needs the Wings branch; this model has none (wings.enabled=False): "
+                              "export its language model with export-hf-llm")
     if cfg.vision is None:
         raise ConversionError("export-wings needs a model with a vision tower (the released layout has one)")
     metadata = dict(metadata or {})

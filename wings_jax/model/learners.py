@@ -28,6 +28,7 @@ MIXINGS = ("corrected", "reference")
 
 @dataclasses.dataclass(frozen=True)
 class WingsConfig:
+    enabled: bool = True  # False: no Wings branch at all (no learner or router parameters): a LLaVA-style model
     stage: str = "finetune"  # "pretrain": visual learners only, no router; "finetune": both learners + router
     learner_layers: tuple[int, ...] | None = None  # None: every layer
     lora_rank: int = 64
@@ -43,10 +44,14 @@ class WingsConfig:
             raise ValueError(f"wings.mixing={self.mixing!r}; choose one of {MIXINGS}")
         if self.lora_rank <= 0 or self.router_max_len <= 0:
             raise ValueError("wings.lora_rank and wings.router_max_len must be positive")
+        if not self.enabled and self.mixing == "reference":
+            raise ValueError("wings.mixing='reference' needs the Wings branch; it cannot go with wings.enabled=False")
         if self.learner_layers is not None:
             object.__setattr__(self, "learner_layers", tuple(int(i) for i in self.learner_layers))
 
     def layer_flags(self, num_layers: int) -> tuple[bool, ...]:
+        if not self.enabled:
+            return (False,) * num_layers
         if self.learner_layers is None:
             return (True,) * num_layers
         bad = [i for i in self.learner_layers if not 0 <= i < num_layers]
@@ -56,7 +61,7 @@ class WingsConfig:
 
     @property
     def uses_router(self) -> bool:
-        return self.stage == "finetune"
+        return self.enabled and self.stage == "finetune"
 
 
 @struct.dataclass

@@ -186,18 +186,26 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rt, rngs=rngs)
         self.side = side_factory(rngs) if side_factory is not None else None
 
-    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, side_inputs, per_layer):
+    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, side_inputs, per_layer,
+                 key_groups=None):
+        """Returns the layer's output and, given ``key_groups`` (B, Tk, G), the head-summed attention mass
+        each query gives each group (B, T, G) (else None)."""
         # Without side inputs the layer is the plain Qwen2 layer (the language model alone).
         use_side = self.side is not None and side_inputs is not None
         extra_values = self.side.router_values(key_positions) if use_side else None
-        out, router_in = self.attn(
+        routed = 0 if extra_values is None else extra_values.shape[-1]
+        if key_groups is not None:  # indicator columns ride along as more extra value channels
+            groups = key_groups.astype(jnp.float32)
+            extra_values = groups if extra_values is None else jnp.concatenate([extra_values, groups], axis=-1)
+        out, extra = self.attn(
             self.input_norm(x), positions, segments, slots, cache, key_positions, key_segments, extra_values
         )
+        router_in, mass = (None, None) if extra is None else (extra[..., :routed], extra[..., routed:])
         h = x + out
         if use_side:
             h = self.side(h, router_in, side_inputs, cache, per_layer)
         y = h + self.mlp(self.post_norm(h))
-        return constrain(y, ("act_batch", "act_length", "act_embed"))
+        return constrain(y, ("act_batch", "act_length", "act_embed")), (None if key_groups is None else mass)
 
 
 class Qwen2(nnx.Module):
@@ -231,6 +239,22 @@ class Qwen2(nnx.Module):
         Without a cache the tokens attend to each other; with one, their keys are written at slot
         = position and they attend to everything the cache holds.
         """
+        hidden, new_cache, _ = self._run_layers(x, positions, segments, cache, side_inputs, per_layer, None)
+        return hidden, new_cache
+
+    def attention_mass(self, x: jax.Array, positions: jax.Array, segments: jax.Array, key_groups: jax.Array, *,
+                       side_inputs: Any = None, per_layer: Any = None) -> jax.Array:
+        """Head-summed attention mass (layers, B, T, G) that each query of a teacher-forced pass gives to
+        each group of keys; ``key_groups`` (B, T, G) marks the keys of each group (e.g. 0/1 indicators).
+
+        Computed like the router's input, as extra value channels of each layer's attention: the
+        probabilities are never materialised. With indicator groups covering every visible key, the
+        groups of a query sum to the number of heads.
+        """
+        _, _, mass = self._run_layers(x, positions, segments, None, side_inputs, per_layer, key_groups)
+        return mass
+
+    def _run_layers(self, x, positions, segments, cache, side_inputs, per_layer, key_groups):
         if cache is None:
             slots, key_positions, key_segments, buffers = None, positions, segments, None
         else:
@@ -243,18 +267,19 @@ class Qwen2(nnx.Module):
             h, buffers = carry
             index, flags = xs
             view = None if buffers is None else CacheView(buffers, index)
-            h = layer(h, positions, segments, slots, view, key_positions, key_segments, side_inputs, flags)
-            return (h, None if view is None else view.arrays), None
+            h, mass = layer(h, positions, segments, slots, view, key_positions, key_segments, side_inputs, flags,
+                            key_groups)
+            return (h, None if view is None else view.arrays), mass
 
         # The cache rides in the scan carry (updated in place), not in the per-layer outputs.
         layer_index = jnp.arange(self.cfg.num_layers)
-        (h, buffers), _ = run_stacked(
+        (h, buffers), mass = run_stacked(
             self.layers, body, (x, buffers), (layer_index, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers
         )
         new_cache = None
         if cache is not None:
             new_cache = cache.replace(layers=buffers, positions=key_positions, segments=key_segments)
-        return self.final_norm(h), new_cache
+        return self.final_norm(h), new_cache, mass
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)

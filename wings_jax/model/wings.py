@@ -60,7 +60,8 @@ class WingsModel(nnx.Module):
             self.projector = Projector(cfg.projector, cfg.vision.hidden_size, llm.hidden_size, rt, rngs=rngs)
         else:
             self.vision = self.projector = None
-        self.llm = Qwen2(llm, rt, rngs=rngs, side_factory=lambda r: WingsBlock(llm, cfg.wings, rt, rngs=r))
+        side = (lambda r: WingsBlock(llm, cfg.wings, rt, rngs=r)) if cfg.wings.enabled else None
+        self.llm = Qwen2(llm, rt, rngs=rngs, side_factory=side)
 
     # -----------------------------------------------------------------------------------------
     # entry points
@@ -89,6 +90,14 @@ class WingsModel(nnx.Module):
                                     per_layer=jnp.asarray(self.layer_flags))
         return hidden
 
+    def attention_mass(self, batch: Batch, key_groups: jax.Array) -> jax.Array:
+        """Per layer, the main attention's head-summed mass (layers, B, L, G) that each position of a
+        teacher-forced batch gives to each group of keys marked by ``key_groups`` (B, L, G) (e.g. pre-image
+        text, image tokens): the paper's attention-shift view, without materialising probabilities."""
+        x, side = self._inputs(batch, cache=None)
+        return self.llm.attention_mass(x, batch["positions"], batch["segment_ids"], key_groups, side_inputs=side,
+                                       per_layer=jnp.asarray(self.layer_flags))
+
     def __call__(self, batch: Batch) -> jax.Array:
         """Logits (B, L, vocab) of a teacher-forced batch."""
         return self.llm.logits(self.hidden_states(batch))
@@ -105,10 +114,10 @@ class WingsModel(nnx.Module):
         b = batch["tokens"].shape[0]
         llm, d = self.cfg.llm, self.cfg.llm.hidden_size // self.cfg.llm.num_heads
         dtype = self.rt.compute_dtype
-        side = {
-            "image_k": ((b, num_image_tokens, llm.num_heads, d), dtype),
-            "image_v": ((b, num_image_tokens, llm.num_heads, d), dtype),
-        }
+        side = {}
+        if self.cfg.wings.enabled:
+            side.update(image_k=((b, num_image_tokens, llm.num_heads, d), dtype),
+                        image_v=((b, num_image_tokens, llm.num_heads, d), dtype))
         if self.cfg.wings.uses_router:  # the textual learner (finetune stage only) keeps keys per text slot
             side.update(text_k=((b, max_length, llm.num_heads, d), dtype),
                         text_v=((b, max_length, llm.num_heads, d), dtype))
@@ -144,9 +153,10 @@ class WingsModel(nnx.Module):
                                         side_inputs=side, per_layer=jnp.asarray(self.layer_flags))
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
-        cache = cache.replace(side={**cache.side, "text_segments": side.text_key_segments,
-                                    "image_positions": side.image_positions, "image_mask_pos": side.image_mask_pos,
-                                    "image_segments": side.image_segments})
+        if side is not None:
+            cache = cache.replace(side={**cache.side, "text_segments": side.text_key_segments,
+                                        "image_positions": side.image_positions,
+                                        "image_mask_pos": side.image_mask_pos, "image_segments": side.image_segments})
         return self.llm.logits(hidden), cache
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
@@ -164,7 +174,8 @@ class WingsModel(nnx.Module):
         feats = jnp.take_along_axis(feats, order[:, :, None, None], axis=1)
         return feats, jnp.take_along_axis(mask, order, axis=1)
 
-    def _inputs(self, batch: Batch, cache: DecodeCache | None) -> tuple[jax.Array, SideInputs]:
+    def _inputs(self, batch: Batch, cache: DecodeCache | None) -> tuple[jax.Array, SideInputs | None]:
+        """The embedded sequence and the learners' inputs (None for a model without the Wings branch)."""
         tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
         b, t = tokens.shape
         is_image = tokens == IMAGE_TOKEN_ID
@@ -177,6 +188,8 @@ class WingsModel(nnx.Module):
             placed = jnp.take_along_axis(flat, jnp.clip(rank, 0, flat.shape[1] - 1)[..., None], axis=1)
             x = jnp.where(is_image[..., None], placed.astype(x.dtype), x)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        if not self.cfg.wings.enabled:
+            return x, None
         text_mask = batch.get("text_mask", ~is_image & (segments != 0)).astype(bool)
 
         if self.cfg.wings.mixing == "reference":

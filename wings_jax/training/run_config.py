@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         "projector": "mlp2x_gelu",
         # Applied on top of init_from's config too (e.g. stage 2 from a stage-1 checkpoint).
         "wings": ml_collections.ConfigDict({
+            "enabled": True,  # False: no learners or routers at all (LLaVA-style); learner groups are dropped
             "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": config_dict.placeholder(tuple),  # None: every layer
             "causal_images": False, "mixing": "corrected",
         }),
@@ -56,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
         "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0: from the device kind (wings_jax.flops)
         "profile_steps": (),  # (first, last): write a profiler trace of these steps to WORKDIR/profile
         "wandb_project": "",  # also log to this Weights & Biases project (pip install 'wings_jax[wandb]')
+        # held-out multiple-choice accuracy (wings_jax.evaluate) every eval_every steps, at step 0 of a new run
+        # and at the end, logged as eval/<name>; eval_data maps names to question JSONL files; 0: off
+        "eval_every": 0,
+        "eval_data": ml_collections.ConfigDict(),
+        "eval_batch_size": 16,
     })
     c.optim = ml_collections.ConfigDict({
         "groups": ml_collections.ConfigDict(FINETUNE_GROUPS),
@@ -99,6 +105,15 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
         raise ConfigError(f"model config: {e}") from None
 
 
+def optim_settings(cfg: ml_collections.ConfigDict, model: WingsModelConfig) -> dict:
+    """``cfg.optim`` for this model: one without the Wings branch drops the groups of learner parameters
+    (so any recipe trains a LLaVA-style model: stage 1 the projector, stage 2 the LLM and projector)."""
+    optim = cfg.optim.to_dict()
+    if not model.wings.enabled:
+        optim["groups"] = {n: g for n, g in optim["groups"].items() if not g["pattern"].startswith(LEARNERS)}
+    return optim
+
+
 def runtime(cfg: ml_collections.ConfigDict) -> Runtime:
     try:
         return Runtime(**cfg.runtime)
@@ -136,6 +151,11 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
                           f"per row, as the released code does (data.packing={cfg.data.packing}, data.max_images="
                           f"{cfg.data.max_images}); set data.packing=False and data.max_images=1, or use "
                           "mixing='corrected'")
+    if t.eval_every < 0 or t.eval_batch_size <= 0 or (t.eval_every and not t.eval_data):
+        raise ConfigError(f"train.eval_every={t.eval_every} needs train.eval_data (name -> questions JSONL) and "
+                          f"a positive train.eval_batch_size (is {t.eval_batch_size}); eval_every=0 turns it off")
+    if t.eval_every and process_count > 1:
+        raise ConfigError("train.eval_every runs on one process only for now; set it to 0 for multi-host runs")
     if model.vision is None and cfg.data.max_images:
         raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
 
