@@ -33,7 +33,7 @@ def _explicit(q, k, v, extra, q_pos, k_pos, q_seg, k_seg, causal):
 
 
 @pytest.mark.parametrize("implementation", ["xla", "dot_product"])
-@pytest.mark.parametrize("q_chunk", [4, 512])
+@pytest.mark.parametrize("q_chunk", [4, 5, 512])  # 5: 16 queries in 4 chunks of 4 + a padded tail
 def test_fused_router_equals_explicit_sum_over_heads(implementation, q_chunk):
     q, k, v, extra = _inputs()
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -91,3 +91,9 @@ def test_memory_grows_linearly_with_length():
     # without chunking the same computation is quadratic, which this test would catch
     unchunked = {length: _layer_temp_bytes(length, chunk=10**9) for length in (1024, 2048)}
     assert unchunked[2048] / unchunked[1024] > 3.5, unchunked
+
+
+def test_memory_grows_linearly_for_lengths_not_a_multiple_of_the_chunk():
+    """A length that q_chunk does not divide is still chunked (its last chunk padded), not run whole."""
+    sizes = {length: _layer_temp_bytes(length, chunk=256) for length in (1000, 2000, 4000)}
+    assert sizes[2000] / sizes[1000] < 2.6 and sizes[4000] / sizes[2000] < 2.6, sizes

@@ -10,8 +10,9 @@ that: ``sum_heads(P) @ W_r`` with ``W_r`` rows as the extra values, so the (batc
 probability tensor never exists outside one query chunk.
 
 Two implementations:
-- ``"xla"``: plain JAX, queries processed in chunks (``q_chunk``) under ``jax.checkpoint`` so
-  memory grows linearly with length, forward and backward. Works on every backend.
+- ``"xla"``: plain JAX, queries processed in equal chunks of at most ``q_chunk`` (any length; the
+  last chunk padded) under ``jax.checkpoint`` so memory grows linearly with length, forward and
+  backward. Works on every backend.
 - ``"cudnn"`` / ``"dot_product"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
   for ``"cudnn"``, XLA's choice for ``"dot_product"``). Extra channels ride along as additional
   value channels (query/key zero-padded to the same head size, the scale fixed explicitly).
@@ -69,43 +70,55 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal):
 
 
 def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values):
-    b, tq, n, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, tq, kv, n // kv, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    """One block of queries, head-major: q (B, K, G, Tq, D), k and v (B, K, Tk, D).
+
+    Head-major operands make both einsums plain batched matmuls over (B, K) with contiguous
+    (Tq, Tk) tiles: on CPU the (B, Tq, heads, D) layout cost 2x in transposes of the probabilities.
+    """
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
     mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)  # (B, Tq, Tk)
     logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
-    seen = jnp.any(mask, axis=-1)  # (B, Tq): False where the query sees no key at all
-    probs = jnp.where(seen[:, None, None, :, None], probs, 0.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, tq, n, d)
+    # A query that sees no key got a uniform softmax over masked logits: zero its (small) outputs
+    # rather than the (B, heads, Tq, Tk) probabilities.
+    seen = jnp.any(mask, axis=-1)  # (B, Tq)
+    out = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v)
+    out = jnp.where(seen[:, None, None, :, None], out, 0.0)
     extra = None
     if extra_values is not None:
         head_sum = jnp.sum(probs, axis=(1, 2))  # (B, Tq, Tk), one chunk of queries at a time
         extra = jnp.einsum("bqs,bsc->bqc", head_sum, extra_values.astype(jnp.float32))
+        extra = jnp.where(seen[..., None], extra, 0.0)
     return out, extra
 
 
 def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
-    tq = q.shape[1]
-    if tq <= q_chunk or tq % q_chunk:
-        return _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
-    num = tq // q_chunk
+    b, tq, n, d = q.shape
+    kv = k.shape[2]
+    qh = jnp.moveaxis(q.reshape(b, tq, kv, n // kv, d), 1, 3)  # (B, K, G, Tq, D)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, Tk, D)
+    num = -(-tq // q_chunk)
+    if num == 1:
+        out, extra = _xla_block(qh, kh, vh, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
+    else:
+        # Every length is chunked: num equal chunks of at most q_chunk queries; the padded tail
+        # queries have segment 0 (they see nothing) and are dropped.
+        size = -(-tq // num)
+        pad = num * size - tq
+        qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+        q_pos, q_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (q_pos, q_seg))
 
-    def chunks(a):  # (B, Tq, ...) -> (num, B, q_chunk, ...)
-        return jnp.moveaxis(a.reshape(a.shape[0], num, q_chunk, *a.shape[2:]), 1, 0)
+        @jax.checkpoint
+        def one(args):
+            qc, pc, sc = args
+            return _xla_block(qc, kh, vh, pc, k_pos, sc, k_seg, causal, scale, extra_values)
 
-    @jax.checkpoint
-    def one(args):
-        qc, pc, sc = args
-        return _xla_block(qc, k, v, pc, k_pos, sc, k_seg, causal, scale, extra_values)
-
-    out, extra = jax.lax.map(one, (chunks(q), chunks(q_pos), chunks(q_seg)))
-
-    def unchunk(a):
-        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], tq, *a.shape[3:])
-
-    return unchunk(out), (None if extra is None else unchunk(extra))
+        split = lambda a, axis: jnp.moveaxis(a.reshape(*a.shape[:axis], num, size, *a.shape[axis + 1:]), axis, 0)  # noqa: E731
+        out, extra = jax.lax.map(one, (split(qh, 3), split(q_pos, 1), split(q_seg, 1)))
+        out = jnp.moveaxis(out, 0, 3).reshape(b, kv, n // kv, num * size, d)[:, :, :, :tq]
+        if extra is not None:
+            extra = jnp.moveaxis(extra, 0, 1).reshape(b, num * size, -1)[:, :tq]
+    return jnp.moveaxis(out, 3, 1).reshape(b, tq, n, d), extra
 
 
 _CUDNN_LENGTH_MULTIPLE = 64
