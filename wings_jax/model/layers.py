@@ -55,7 +55,7 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table (vocab, embed); ``attend`` gives tied-output logits."""
+    """Token embedding table (vocab, embed)."""
 
     def __init__(self, vocab: int, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -63,9 +63,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):

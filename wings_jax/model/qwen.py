@@ -256,8 +256,13 @@ class Qwen2(nnx.Module):
             new_cache = cache.replace(layers=buffers, positions=key_positions, segments=key_segments)
         return self.final_norm(h), new_cache
 
+    def output_kernel(self) -> jax.Array:
+        """The LM head as an (hidden, vocab) matrix in the compute dtype (the embedding, when tied)."""
+        kernel = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return kernel.astype(self.rt.compute_dtype)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.compute_dtype), self.output_kernel())
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
