@@ -119,3 +119,26 @@ def test_gradients_equal_the_explicit_computation(q_chunk):
     want = loss(lambda *a: _explicit(*a, pos, pos, seg, seg, True))
     for got, expected in zip(ours, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_attention_remat_policy_runs_no_second_flash_forward():
+    """Remat "attention" keeps the attention outputs and log-sum-exp: it costs about what no remat
+    costs, while "full" pays for a second attention forward."""
+    from wings_jax.model.layers import REMAT_POLICIES
+
+    b, t, n, d = 1, 128, 2, 32
+    q = jax.random.normal(jax.random.key(0), (b, t, n, d))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+
+    def layer(q):
+        out, _ = attend(jnp.sin(q), q, q, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, q_chunk=t)
+        return jnp.sum(jnp.sin(out))
+
+    def flops(policy):
+        fn = jax.value_and_grad(layer if policy == "none" else jax.checkpoint(layer, policy=REMAT_POLICIES[policy]))
+        return jax.jit(fn).lower(q).compile().cost_analysis()["flops"]
+
+    attention_forward = 2 * 2 * b * n * t * t * d
+    assert flops("attention") - flops("none") < 0.1 * attention_forward
+    assert flops("full") - flops("none") > 0.3 * attention_forward

@@ -26,9 +26,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Implementation = Literal["xla", "cudnn", "dot_product"]
 IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
+ATTENTION_NAME = "attention"  # checkpoint name of attention outputs (and the xla path's log-sum-exp)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 
 
@@ -61,6 +63,8 @@ def attend(
     else:
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
                                   "cudnn" if implementation == "cudnn" else None)
+        out = checkpoint_name(out, ATTENTION_NAME)
+        extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
 
 
@@ -135,7 +139,10 @@ def _flash_forward(causal, scale, size, q, k, v, ev, q_pos, k_pos, q_seg, k_seg)
         out = jnp.where(seen[:, None, None, :, None], out, 0.0).astype(v.dtype)
         extra = jnp.einsum("bqs,bsc->bqc", jnp.sum(probs, axis=(1, 2)), ev)
         extra = jnp.where(seen[..., None], extra, 0.0)
-        return out, extra, (top + jnp.log(total))[..., 0]
+        # Named so that remat policies can keep them (layers.REMAT_POLICIES "attention"): the backward
+        # then needs no second flash forward.
+        lse = checkpoint_name((top + jnp.log(total))[..., 0], ATTENTION_NAME)
+        return checkpoint_name(out, ATTENTION_NAME), checkpoint_name(extra, ATTENTION_NAME), lse
 
     out, extra, lse = jax.lax.map(one, (_chunks(q, 3, size), _chunks(q_pos, 1, size), _chunks(q_seg, 1, size)))
     out, extra, lse = _unchunk(out, 3), _unchunk(extra, 1), _unchunk(lse, 3)

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
-from wings_jax.model.layers import Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
 from wings_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -193,9 +194,9 @@ class DecoderLayer(nnx.Module):
         out, router_in = self.attn(
             self.input_norm(x), positions, segments, slots, cache, key_positions, key_segments, extra_values
         )
-        h = x + out
+        h = checkpoint_name(x + out, RESIDUAL_NAME)
         if use_side:
-            h = self.side(h, router_in, side_inputs, cache, per_layer)
+            h = checkpoint_name(self.side(h, router_in, side_inputs, cache, per_layer), RESIDUAL_NAME)
         y = h + self.mlp(self.post_norm(h))
         return constrain(y, ("act_batch", "act_length", "act_embed"))
 
