@@ -25,6 +25,7 @@ from wings_jax import sharding
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.pipeline import source_config
 from wings_jax.flops import peak_flops_per_device
+from wings_jax.model.layers import REMAT_POLICIES
 from wings_jax.train import initial_state, plan
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
@@ -78,7 +79,7 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune")
@@ -86,10 +87,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
-    parser.add_argument("--remat", help="remat policy (default: the preset's, else full)")
+    parser.add_argument("--remat", choices=sorted(REMAT_POLICIES),
+                        help="remat policy (default: the preset's, else attention)")
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "dot_product"))
     parser.add_argument("--fsdp", type=int, default=1)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     preset = PRESETS[args.preset]
     c = base_config()
@@ -98,7 +104,7 @@ def main() -> None:
     seq_len = args.seq_len or preset["seq_len"]
     c.model.wings.update(dict(stage=args.stage, lora_rank=preset["lora_rank"], router_max_len=max(seq_len, 4096)))
     on_cpu = jax.default_backend() == "cpu"
-    remat = args.remat or preset.get("remat", "full")
+    remat = args.remat or preset.get("remat", "attention")
     c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=remat,
                           attention=args.attention))
     c.data.sources = [source_config("llava_json", "unused.jsonl")]  # the bench feeds synthetic batches
