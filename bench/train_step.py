@@ -2,12 +2,14 @@
 
     python bench/train_step.py --preset cpu-small --stage pretrain
     python bench/train_step.py --preset cpu-small --stage finetune
+    python bench/train_step.py --preset orig-tiny --stage finetune   # issue 12's CPU shapes, fp32, remat none
     python bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batch 8 --attention cudnn   # on a GPU
 
 The step is ``wings_jax.train.plan(...)``'s (the one training runs), on all local devices with a
 data-parallel mesh. The first step (compilation) is excluded; the figures are the median of the
-timed steps. MFU uses wings_jax.flops (model FLOPs of the padded shapes) and the device's peak
-(unknown on CPU: not reported).
+timed steps. MFU uses wings_jax.flops (model FLOPs of the padded shapes) and the device's peak;
+on CPU, where no peak is listed, the step's FLOP rate is reported as a fraction of a 2048^3 float32
+matmul timed in the same run instead.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from wings_jax import sharding
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.pipeline import source_config
 from wings_jax.flops import peak_flops_per_device
+from wings_jax.model.layers import REMAT_POLICIES
 from wings_jax.train import initial_state, plan
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
@@ -39,6 +42,13 @@ PRESETS = {
         vision=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26,
                     num_heads=16),
         seq_len=2048, batch=8, lora_rank=64),
+    # issue 12's CPU comparison with the original PyTorch code: 772 = 729 image tokens + 43 text tokens
+    "orig-tiny": dict(
+        llm=dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=4,
+                 rope_theta=1_000_000.0),
+        vision=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=256, num_layers=2,
+                    num_heads=16),
+        seq_len=772, batch=4, lora_rank=8, remat="none", loss_chunk=772),
 }
 
 
@@ -56,7 +66,20 @@ def synthetic_batch(b: int, length: int, image_size: int, tokens_per_image: int,
     }
 
 
-def main() -> None:
+def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
+    """Median FLOP/s of an n^3 float32 matmul on the default device: this machine's practical peak."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--stage", choices=("pretrain", "finetune"), default="finetune")
@@ -64,10 +87,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
-    parser.add_argument("--remat", default="full")
+    parser.add_argument("--remat", choices=sorted(REMAT_POLICIES),
+                        help="remat policy (default: the preset's, else attention)")
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "dot_product"))
     parser.add_argument("--fsdp", type=int, default=1)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     preset = PRESETS[args.preset]
     c = base_config()
@@ -76,11 +104,12 @@ def main() -> None:
     seq_len = args.seq_len or preset["seq_len"]
     c.model.wings.update(dict(stage=args.stage, lora_rank=preset["lora_rank"], router_max_len=max(seq_len, 4096)))
     on_cpu = jax.default_backend() == "cpu"
-    c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=args.remat,
+    remat = args.remat or preset.get("remat", "attention")
+    c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=remat,
                           attention=args.attention))
     c.data.sources = [source_config("llava_json", "unused.jsonl")]  # the bench feeds synthetic batches
     c.data.max_len = seq_len
-    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"], loss_chunk=min(512, seq_len)))
+    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"], loss_chunk=preset.get("loss_chunk", min(512, seq_len))))
     c.optim.groups = PRETRAIN_GROUPS if args.stage == "pretrain" else FINETUNE_GROUPS
     c.mesh.update(dict(data=-1, fsdp=args.fsdp, tensor=1))
     c.lock()
@@ -109,10 +138,15 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{mesh.size} ({jax.default_backend()})")
     print(f"preset {args.preset}, stage {args.stage}: {total / 1e6:.1f}M parameters ({trainable_count / 1e6:.1f}M "
           f"trainable), batch {c.train.global_batch_size} x {seq_len} tokens, {c.runtime.dtype} compute, "
-          f"remat {args.remat}, attention {args.attention}")
+          f"remat {remat}, attention {args.attention}")
     print(f"step time {seconds * 1e3:.1f} ms (median of {len(times)}), {tokens / seconds:,.0f} tokens/s, "
           f"model FLOPs/step {p.flops_per_step:.3e}, MFU {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'}, "
           f"final loss {float(metrics['loss']):.3f}")
+    if mfu is None:  # no listed peak (CPU): compare with a large matmul timed now, on the same machine
+        rate = p.flops_per_step / seconds
+        matmul = matmul_flops_per_second()
+        print(f"step {rate / 1e9:.1f} GFLOP/s = {rate / matmul:.1%} of a 2048^3 float32 matmul "
+              f"({matmul / 1e9:.1f} GFLOP/s, same run)")
 
 
 if __name__ == "__main__":

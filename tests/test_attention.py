@@ -33,7 +33,7 @@ def _explicit(q, k, v, extra, q_pos, k_pos, q_seg, k_seg, causal):
 
 
 @pytest.mark.parametrize("implementation", ["xla", "dot_product"])
-@pytest.mark.parametrize("q_chunk", [4, 512])
+@pytest.mark.parametrize("q_chunk", [4, 5, 512])  # 5: 16 queries in 4 chunks of 4 + a padded tail
 def test_fused_router_equals_explicit_sum_over_heads(implementation, q_chunk):
     q, k, v, extra = _inputs()
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -91,3 +91,54 @@ def test_memory_grows_linearly_with_length():
     # without chunking the same computation is quadratic, which this test would catch
     unchunked = {length: _layer_temp_bytes(length, chunk=10**9) for length in (1024, 2048)}
     assert unchunked[2048] / unchunked[1024] > 3.5, unchunked
+
+
+def test_memory_grows_linearly_for_lengths_not_a_multiple_of_the_chunk():
+    """A length that q_chunk does not divide is still chunked (its last chunk padded), not run whole."""
+    sizes = {length: _layer_temp_bytes(length, chunk=256) for length in (1000, 2000, 4000)}
+    assert sizes[2000] / sizes[1000] < 2.6 and sizes[4000] / sizes[2000] < 2.6, sizes
+
+
+@pytest.mark.parametrize("q_chunk", [5, 512])
+def test_gradients_equal_the_explicit_computation(q_chunk):
+    """The xla path's hand-written backward (values, router channels, GQA, packed rows, padding)."""
+    q, k, v, extra = _inputs()
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    seg = jnp.array([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16])
+    w_out = jax.random.normal(jax.random.key(5), q.shape) * (seg > 0)[:, :, None, None]
+    w_router = jax.random.normal(jax.random.key(6), (2, 16, 2)) * (seg > 0)[:, :, None]
+
+    def loss(fn):
+        def value(q, k, v, extra):
+            out, router = fn(q, k, v, extra)
+            return jnp.sum(out * w_out) + jnp.sum(router * w_router)
+        return jax.grad(value, argnums=(0, 1, 2, 3))(q, k, v, extra)
+
+    ours = loss(lambda *a: attend(*a[:3], q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True,
+                                  extra_values=a[3], q_chunk=q_chunk))
+    want = loss(lambda *a: _explicit(*a, pos, pos, seg, seg, True))
+    for got, expected in zip(ours, want):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_attention_remat_policy_runs_no_second_flash_forward():
+    """Remat "attention" keeps the attention outputs and log-sum-exp: it costs about what no remat
+    costs, while "full" pays for a second attention forward."""
+    from wings_jax.model.layers import REMAT_POLICIES
+
+    b, t, n, d = 1, 128, 2, 32
+    q = jax.random.normal(jax.random.key(0), (b, t, n, d))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+
+    def layer(q):
+        out, _ = attend(jnp.sin(q), q, q, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, q_chunk=t)
+        return jnp.sum(jnp.sin(out))
+
+    def flops(policy):
+        fn = jax.value_and_grad(layer if policy == "none" else jax.checkpoint(layer, policy=REMAT_POLICIES[policy]))
+        return jax.jit(fn).lower(q).compile().cost_analysis()["flops"]
+
+    attention_forward = 2 * 2 * b * n * t * t * d
+    assert flops("attention") - flops("none") < 0.1 * attention_forward
+    assert flops("full") - flops("none") > 0.3 * attention_forward

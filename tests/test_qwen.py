@@ -77,7 +77,7 @@ def test_remat_gives_identical_gradients(tmp_path):
     ids, mask = right_padded_batch([8, 6], total=8, vocab_size=VOCAB, seed=3)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     reference = _grads(load_qwen(str(tmp_path), Runtime(remat="none")), ids, mask)
-    for policy in ("full", "dots"):
+    for policy in ("full", "attention", "dots", "dots_attention"):
         grads = _grads(load_qwen(str(tmp_path), Runtime(remat=policy)), ids, mask)
         for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(grads)):
             # Recomputation is the same arithmetic, fused differently: float32 rounding only.

@@ -10,8 +10,10 @@ that: ``sum_heads(P) @ W_r`` with ``W_r`` rows as the extra values, so the (batc
 probability tensor never exists outside one query chunk.
 
 Two implementations:
-- ``"xla"``: plain JAX, queries processed in chunks (``q_chunk``) under ``jax.checkpoint`` so
-  memory grows linearly with length, forward and backward. Works on every backend.
+- ``"xla"``: plain JAX, queries processed in equal chunks of at most ``q_chunk`` (any length; the
+  last chunk padded) with a flash-style custom backward (outputs and log-sum-exp saved, one chunk's
+  probabilities recomputed at a time), so memory grows linearly with length, forward and backward.
+  Works on every backend.
 - ``"cudnn"`` / ``"dot_product"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
   for ``"cudnn"``, XLA's choice for ``"dot_product"``). Extra channels ride along as additional
   value channels (query/key zero-padded to the same head size, the scale fixed explicitly).
@@ -20,11 +22,15 @@ from __future__ import annotations
 
 from typing import Literal
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Implementation = Literal["xla", "cudnn", "dot_product"]
 IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
+ATTENTION_NAME = "attention"  # checkpoint name of attention outputs (and the xla path's log-sum-exp)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 
 
@@ -57,6 +63,8 @@ def attend(
     else:
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
                                   "cudnn" if implementation == "cudnn" else None)
+        out = checkpoint_name(out, ATTENTION_NAME)
+        extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
 
 
@@ -68,44 +76,110 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal):
     return mask
 
 
-def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values):
+def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
     b, tq, n, d = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, tq, kv, n // kv, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)  # (B, Tq, Tk)
-    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)
-    seen = jnp.any(mask, axis=-1)  # (B, Tq): False where the query sees no key at all
-    probs = jnp.where(seen[:, None, None, :, None], probs, 0.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, tq, n, d)
-    extra = None
-    if extra_values is not None:
-        head_sum = jnp.sum(probs, axis=(1, 2))  # (B, Tq, Tk), one chunk of queries at a time
-        extra = jnp.einsum("bqs,bsc->bqc", head_sum, extra_values.astype(jnp.float32))
-    return out, extra
+    qh = jnp.moveaxis(q.reshape(b, tq, kv, n // kv, d), 1, 3)  # (B, K, G, Tq, D)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, Tk, D)
+    # Every length is chunked: equal chunks of at most q_chunk queries; the padded tail queries have
+    # segment 0 (they see nothing) and are dropped.
+    num = -(-tq // q_chunk)
+    size = -(-tq // num)
+    pad = num * size - tq
+    qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+    q_pos, q_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (q_pos, q_seg))
+    channels = 0 if extra_values is None else extra_values.shape[-1]
+    ev = jnp.zeros((b, k.shape[1], 0), jnp.float32) if extra_values is None else extra_values.astype(jnp.float32)
+    out, extra = _flash(causal, scale, size, qh, kh, vh, ev, q_pos, k_pos, q_seg, k_seg)
+    out = out[:, :, :, :tq]
+    return jnp.moveaxis(out, 3, 1).reshape(b, tq, n, d), (extra[:, :tq] if channels else None)
 
 
-def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
-    tq = q.shape[1]
-    if tq <= q_chunk or tq % q_chunk:
-        return _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
-    num = tq // q_chunk
+def _chunks(a, axis, size):
+    """Splits ``axis`` into chunks of ``size`` along a new leading axis."""
+    num = a.shape[axis] // size
+    return jnp.moveaxis(a.reshape(*a.shape[:axis], num, size, *a.shape[axis + 1:]), axis, 0)
 
-    def chunks(a):  # (B, Tq, ...) -> (num, B, q_chunk, ...)
-        return jnp.moveaxis(a.reshape(a.shape[0], num, q_chunk, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
+def _unchunk(a, axis):
+    """Inverse of :func:`_chunks` (``axis`` counted without the leading chunk axis)."""
+    a = jnp.moveaxis(a, 0, axis)
+    return a.reshape(*a.shape[:axis], a.shape[axis] * a.shape[axis + 1], *a.shape[axis + 2:])
+
+
+def _probabilities(q, k, q_pos, k_pos, q_seg, k_seg, causal, scale):
+    """Masked logits (B, K, G, c, Tk) in float32 and the mask's per-query 'sees a key' (B, c)."""
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)
+    return jnp.where(mask[:, None, None], logits, _MASK_VALUE), jnp.any(mask, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(causal, scale, size, q, k, v, ev, q_pos, k_pos, q_seg, k_seg):
+    """Attention of head-major q (B, K, G, Tq, D) over k, v (B, K, Tk, D), one chunk of ``size``
+    queries at a time, with the extra channels ev (B, Tk, C) summed over heads.
+
+    A hand-written backward (flash-attention style): forward keeps only the outputs and each query's
+    log-sum-exp, backward recomputes one chunk's probabilities at a time. Memory is linear in the
+    length and no chunk's forward is run twice (as ``jax.checkpoint`` of the chunk would).
+    """
+    return _flash_forward(causal, scale, size, q, k, v, ev, q_pos, k_pos, q_seg, k_seg)[0]
+
+
+def _flash_forward(causal, scale, size, q, k, v, ev, q_pos, k_pos, q_seg, k_seg):
     def one(args):
         qc, pc, sc = args
-        return _xla_block(qc, k, v, pc, k_pos, sc, k_seg, causal, scale, extra_values)
+        logits, seen = _probabilities(qc, k, pc, k_pos, sc, k_seg, causal, scale)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        unnormalised = jnp.exp(logits - top)
+        total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+        probs = unnormalised / total
+        # A query that sees no key got a uniform softmax over masked logits: its outputs are zeroed.
+        out = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v)
+        out = jnp.where(seen[:, None, None, :, None], out, 0.0).astype(v.dtype)
+        extra = jnp.einsum("bqs,bsc->bqc", jnp.sum(probs, axis=(1, 2)), ev)
+        extra = jnp.where(seen[..., None], extra, 0.0)
+        # Named so that remat policies can keep them (layers.REMAT_POLICIES "attention"): the backward
+        # then needs no second flash forward.
+        lse = checkpoint_name((top + jnp.log(total))[..., 0], ATTENTION_NAME)
+        return checkpoint_name(out, ATTENTION_NAME), checkpoint_name(extra, ATTENTION_NAME), lse
 
-    out, extra = jax.lax.map(one, (chunks(q), chunks(q_pos), chunks(q_seg)))
+    out, extra, lse = jax.lax.map(one, (_chunks(q, 3, size), _chunks(q_pos, 1, size), _chunks(q_seg, 1, size)))
+    out, extra, lse = _unchunk(out, 3), _unchunk(extra, 1), _unchunk(lse, 3)
+    return (out, extra), (q, k, v, ev, q_pos, k_pos, q_seg, k_seg, out, extra, lse)
 
-    def unchunk(a):
-        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], tq, *a.shape[3:])
 
-    return unchunk(out), (None if extra is None else unchunk(extra))
+def _flash_backward(causal, scale, size, residuals, cotangents):
+    q, k, v, ev, q_pos, k_pos, q_seg, k_seg, out, extra, lse = residuals
+    d_out, d_extra = cotangents
+
+    def one(acc, args):
+        dk, dv, dev = acc
+        qc, pc, sc, oc, ec, lc, doc, dec = args
+        logits, seen = _probabilities(qc, k, pc, k_pos, sc, k_seg, causal, scale)
+        probs = jnp.exp(logits - lc[..., None])
+        doc = jnp.where(seen[:, None, None, :, None], doc, 0).astype(jnp.float32)
+        dec = jnp.where(seen[..., None], dec, 0).astype(jnp.float32)
+        dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", probs, doc)
+        dev = dev + jnp.einsum("bqs,bqc->bsc", jnp.sum(probs, axis=(1, 2)), dec)
+        d_probs = jnp.einsum("bkgqd,bksd->bkgqs", doc, v.astype(jnp.float32))
+        d_probs += jnp.einsum("bqc,bsc->bqs", dec, ev)[:, None, None]
+        # rowsum(P * dP): the value outputs' part from O, the extra channels' part per head from P ev
+        per_head_extra = jnp.einsum("bkgqs,bsc->bkgqc", probs, ev)
+        delta = jnp.sum(doc * oc.astype(jnp.float32), -1) + jnp.einsum("bkgqc,bqc->bkgq", per_head_extra, dec)
+        d_logits = probs * (d_probs - delta[..., None]) * scale
+        dq = jnp.einsum("bkgqs,bksd->bkgqd", d_logits, k.astype(jnp.float32))
+        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", d_logits, qc.astype(jnp.float32))
+        return (dk, dv, dev), dq.astype(q.dtype)
+
+    zeros = tuple(jnp.zeros(a.shape, jnp.float32) for a in (k, v, ev))
+    xs = (_chunks(q, 3, size), _chunks(q_pos, 1, size), _chunks(q_seg, 1, size), _chunks(out, 3, size),
+          _chunks(extra, 1, size), _chunks(lse, 3, size), _chunks(d_out, 3, size), _chunks(d_extra, 1, size))
+    (dk, dv, dev), dq = jax.lax.scan(one, zeros, xs)
+    return (_unchunk(dq, 3), dk.astype(k.dtype), dv.astype(v.dtype), dev, None, None, None, None)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
 
 
 _CUDNN_LENGTH_MULTIPLE = 64

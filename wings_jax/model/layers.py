@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wings_jax.model.attention import ATTENTION_NAME
+
 Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 
@@ -55,7 +57,7 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table (vocab, embed); ``attend`` gives tied-output logits."""
+    """Token embedding table (vocab, embed)."""
 
     def __init__(self, vocab: int, features: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -63,9 +65,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -115,10 +114,18 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
 # Layer stacking: parameters of N identical layers live in one tree with a leading 'layers' axis,
 # and the forward runs them with lax.scan so compile time does not grow with depth.
 
+RESIDUAL_NAME = "residual"  # checkpoint name of a decoder layer's residual stream after attention
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(ATTENTION_NAME, RESIDUAL_NAME)
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # keeps attention outputs (and flash statistics) and residuals: the backward re-runs projections
+    # and MLPs, never attention
+    "attention": _KEEP_ATTENTION,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
     "dots_all": jax.checkpoint_policies.dots_saveable,
 }
 

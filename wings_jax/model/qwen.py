@@ -16,9 +16,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
-from wings_jax.model.layers import Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
 from wings_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -201,9 +202,9 @@ class DecoderLayer(nnx.Module):
             self.input_norm(x), positions, segments, slots, cache, key_positions, key_segments, extra_values
         )
         router_in, mass = (None, None) if extra is None else (extra[..., :routed], extra[..., routed:])
-        h = x + out
+        h = checkpoint_name(x + out, RESIDUAL_NAME)
         if use_side:
-            h = self.side(h, router_in, side_inputs, cache, per_layer)
+            h = checkpoint_name(self.side(h, router_in, side_inputs, cache, per_layer), RESIDUAL_NAME)
         y = h + self.mlp(self.post_norm(h))
         return constrain(y, ("act_batch", "act_length", "act_embed")), (None if key_groups is None else mass)
 
@@ -281,8 +282,13 @@ class Qwen2(nnx.Module):
             new_cache = cache.replace(layers=buffers, positions=key_positions, segments=key_segments)
         return self.final_norm(h), new_cache, mass
 
+    def output_kernel(self) -> jax.Array:
+        """The LM head as an (hidden, vocab) matrix in the compute dtype (the embedding, when tied)."""
+        kernel = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return kernel.astype(self.rt.compute_dtype)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.compute_dtype), self.output_kernel())
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:

@@ -1,16 +1,19 @@
-"""Next-token cross-entropy over the labelled positions, computed in sequence chunks.
+"""Next-token cross-entropy over the labelled positions: a fused, chunked LM head + softmax.
 
 The vocabulary projection of a whole batch (B x L x 151936 in float32) would dominate memory, so
-logits exist one chunk of positions at a time, under ``jax.checkpoint`` (recomputed in backward).
+logits exist one chunk of positions at a time. The chunk computes its gradients right there
+(``dlogits = weight * (softmax - onehot)``, then ``dhidden`` and ``dkernel``), so the backward is a
+scale of saved results: the LM head runs once per chunk, never recomputed, and no logits are kept.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from wings_jax.data.constants import IGNORE_ID
+from wings_jax.sharding import constrain
 
 
 def next_token_targets(labels: jax.Array, segments: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -27,26 +30,71 @@ def next_token_targets(labels: jax.Array, segments: jax.Array) -> tuple[jax.Arra
 
 
 def chunked_cross_entropy(
-    hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array, weights: jax.Array,
-    chunk: int = 512,
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 512,
 ) -> jax.Array:
-    """Sum over positions of ``weights * -log softmax(logits_fn(hidden))[target]`` (float32)."""
-    b, length, h = hidden.shape
+    """Sum over positions of ``weights * -log softmax(hidden @ kernel)[target]`` (float32).
+
+    ``hidden`` (B, L, H) and ``kernel`` (H, vocab) are in the compute dtype; logits accumulate in float32.
+    """
+    length = hidden.shape[1]
     chunk = min(chunk, length)
     if length % chunk:
         raise ValueError(f"sequence length {length} is not a multiple of the loss chunk {chunk}")
-    n = length // chunk
+    return _fused(chunk, hidden, kernel, targets, weights)
 
-    def split(a):  # (B, L, ...) -> (n, B, chunk, ...)
-        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def one(total, xs):
+def _split(a: jax.Array, chunk: int) -> jax.Array:  # (B, L, ...) -> (n, B, chunk, ...)
+    return jnp.moveaxis(a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]), 1, 0)
+
+
+def _merge(a: jax.Array) -> jax.Array:  # inverse of _split
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(chunk, hidden, kernel, targets, weights):
+    return _scan(chunk, hidden, kernel, targets, weights, False, False)[0]
+
+
+def _scan(chunk, hidden, kernel, targets, weights, want_hidden, want_kernel):
+    """The loss, and the gradients asked for (of the loss itself, i.e. for a cotangent of 1)."""
+
+    def one(d_kernel, xs):
         hid, tgt, wgt = xs
-        logits = logits_fn(hid).astype(jnp.float32)
+        logits = jnp.einsum("bch,hv->bcv", hid, kernel, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        losses = jax.nn.logsumexp(logits, axis=-1) - picked
-        return total + jnp.sum(losses * wgt), None
+        loss = jnp.sum((lse - picked) * wgt)
+        d_hid = None
+        if want_hidden or want_kernel:
+            d_logits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tgt, logits.shape[-1], dtype=jnp.float32)
+            d_logits = (d_logits * wgt[..., None]).astype(hid.dtype)
+            if want_hidden:
+                d_hid = jnp.einsum("bcv,hv->bch", d_logits, kernel)
+            if want_kernel:
+                d_kernel = d_kernel + jnp.einsum("bch,bcv->hv", hid, d_logits, preferred_element_type=jnp.float32)
+        return d_kernel, (loss, d_hid)
 
-    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
-    return total
+    zeros = jnp.zeros(kernel.shape, jnp.float32) if want_kernel else None
+    d_kernel, (losses, d_hidden) = jax.lax.scan(
+        one, zeros, (_split(hidden, chunk), _split(targets, chunk), _split(weights, chunk)))
+    return jnp.sum(losses), (None if d_hidden is None else _merge(d_hidden)), d_kernel
+
+
+def _fused_forward(chunk, hidden, kernel, targets, weights):
+    # symbolic_zeros: ``perturbed`` says which inputs are differentiated, so a frozen LM head (stage 1)
+    # costs no kernel gradient.
+    total, d_hidden, d_kernel = _scan(chunk, hidden.value, kernel.value, targets.value, weights.value,
+                                      hidden.perturbed, kernel.perturbed)
+    return total, (d_hidden, d_kernel)
+
+
+def _fused_backward(chunk, residuals, g):
+    d_hidden, d_kernel = residuals
+    scale = lambda d: None if d is None else (g * d).astype(d.dtype)  # noqa: E731
+    return scale(d_hidden), scale(d_kernel), None, None
+
+
+_fused.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)

@@ -32,23 +32,26 @@ def make_train_step(
     def loss_sum(trainable, frozen, batch, targets, weights):
         model = nnx.merge(graphdef, trainable, frozen)
         hidden = model.hidden_states(batch)
-        return chunked_cross_entropy(hidden, model.llm.logits, targets, weights, loss_chunk)
+        return chunked_cross_entropy(hidden, model.llm.output_kernel(), targets, weights, loss_chunk)
 
     def step(trainable, frozen, opt_state, step_number, batch):
         with activation_sharding(mesh, rules):
             targets, weights = next_token_targets(batch["labels"], batch["segment_ids"])
             count = jnp.maximum(jnp.sum(weights), 1.0)  # a batch whose answers were all truncated trains nothing
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            micro = jax.tree.map(lambda a: to_micro_batches(a, grad_accum), (inputs, targets, weights))
             grad_fn = jax.value_and_grad(loss_sum)
+            if grad_accum == 1:  # no float32 accumulation buffer, no scan
+                total, grads = grad_fn(trainable, frozen, inputs, targets, weights)
+            else:
+                micro = jax.tree.map(lambda a: to_micro_batches(a, grad_accum), (inputs, targets, weights))
 
-            def accumulate(carry, xs):
-                total, grads = carry
-                value, g = grad_fn(trainable, frozen, *xs)
-                return (total + value, jax.tree.map(jnp.add, grads, g)), None
+                def accumulate(carry, xs):
+                    total, grads = carry
+                    value, g = grad_fn(trainable, frozen, *xs)
+                    return (total + value, jax.tree.map(jnp.add, grads, g)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-            (total, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+                (total, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
             grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, trainable)
             updates, opt_state = tx.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
