@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from test_evaluate import RECORDS, write_jsonl
 from test_generate import save_vision_checkpoint
@@ -19,6 +18,7 @@ from wings_jax.convert.checkpoint import (
 from wings_jax.convert.checksums import checksums
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.generate import main as generate_main
+from wings_jax.model.qwen import Runtime
 from wings_jax.training.checkpointing import Checkpointer
 
 
@@ -167,3 +167,14 @@ def test_checkpoints_without_checksums_still_load_with_a_note(converted, tmp_pat
     reference, _ = load_model(converted)
     assert checksums(params_dict(model)) == checksums(params_dict(reference))
     assert "has no checksums" in caplog.text and os.path.exists(os.path.join(ckpt, CONFIG_FILE))
+
+
+def test_a_float32_checkpoint_verifies_when_loaded_for_bfloat16(converted):
+    """Checksums are of the saved dtype: the arrays are verified as stored, then cast to the dtype asked for."""
+    stored, _ = load_model(converted)
+    model, _ = load_model(converted, Runtime(dtype="bfloat16", param_dtype="bfloat16"))
+    want = {k: np.asarray(v, np.float32) for k, v in params_dict(stored)["llm"]["final_norm"].items()}
+    got = params_dict(model)["llm"]["final_norm"]
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(params_dict(model)))
+    for k, v in got.items():
+        np.testing.assert_allclose(np.asarray(v, np.float32), want[k], rtol=1e-2)

@@ -179,14 +179,25 @@ def _restore_verified(directory: epath.Path, targets: Mapping[str, Any]) -> dict
             if bad:
                 raise CheckpointError(f"{directory / item}: {len(bad)} arrays differ from their recorded checksums "
                                       f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-    return restored
+    return {item: value if targets[item] is None else _cast(value, targets[item]) for item, value in restored.items()}
 
 
 def _read_item(directory: epath.Path, abstract: Any) -> Any:
-    """One item: a PyTree restored into ``abstract`` (abstract arrays), or a JSON dict when it is None."""
+    """One item: a PyTree laid out as ``abstract`` (abstract arrays) in the dtypes it was saved in (what its
+    checksums are of), or a JSON dict when ``abstract`` is None."""
     if abstract is None:
         return ocp.JsonCheckpointHandler().restore(directory, args=ocp.args.JsonRestore())
-    return ocp.StandardCheckpointHandler().restore(directory, args=ocp.args.StandardRestore(abstract))
+    handler = ocp.StandardCheckpointHandler()
+    stored = getattr(handler.metadata(directory), "tree", None)
+    if stored is not None:
+        abstract = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding), abstract,
+                                stored)
+    return handler.restore(directory, args=ocp.args.StandardRestore(abstract))
+
+
+def _cast(tree: Any, abstract: Any) -> Any:
+    """The restored arrays in the dtypes asked for (e.g. a float32 checkpoint loaded for bfloat16 inference)."""
+    return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree, abstract)
 
 
 def _on_any_process(flag: bool) -> bool:
