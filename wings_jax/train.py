@@ -228,6 +228,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     _prepare_demo_data(cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     p = plan(cfg, mesh, jax.process_count())
+    eval_every = cfg.train.eval_every  # its files are read before anything is opened that would need closing
+    questions = {name: read_questions(path) for name, path in cfg.train.eval_data.items()} if eval_every else {}
+    graphdef = nnx.split(abstract_model(p.make_model))[0] if eval_every else None
     tokenizer_dir = cfg.data.tokenizer or cfg.init_from
     tokenizer = load_tokenizer(tokenizer_dir)
     first_process = jax.process_index() == 0
@@ -258,9 +261,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
         trainable, frozen, opt_state = initial_state(p, seed=cfg.train.seed)
 
     peak = cfg.train.peak_flops or peak_flops_per_device()
-    eval_every = cfg.train.eval_every
-    questions = {name: read_questions(path) for name, path in cfg.train.eval_data.items()} if eval_every else {}
-    graphdef = nnx.split(abstract_model(p.make_model))[0] if eval_every else None
     writer = MetricsWriter(workdir, cfg.train.steps, start, enabled=first_process,
                            wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     if start == 0:
@@ -309,7 +309,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
                 "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
             }
-            evaluated = eval_every and (done % eval_every == 0 or done == cfg.train.steps)
+            # a pre-empted run saves first: its grace period is no time for an evaluation
+            evaluated = eval_every and not guard.requested and (done % eval_every == 0 or done == cfg.train.steps)
             if evaluated:
                 last.update(_held_out_accuracy(graphdef, trainable, frozen, tokenizer, questions,
                                                cfg.train.eval_batch_size))
