@@ -34,7 +34,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from wings_jax import sharding
+from wings_jax import distributed, sharding
 from wings_jax.config import ConfigError, parse_command_line
 from wings_jax.convert import checkpoint
 from wings_jax.convert.hf_io import copy_tokenizer_files
@@ -349,18 +349,6 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    if not (args.coordinator_address or args.distributed):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests); no effect elsewhere
-    if args.coordinator_address:
-        if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    else:
-        jax.distributed.initialize()  # TPU pods / SLURM: the environment describes the cluster
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     guard = _STARTUP_GUARD or PreemptionGuard()  # first: a signal from here on is a clean stop
     try:
@@ -380,10 +368,7 @@ def _main(argv: list[str], guard: PreemptionGuard) -> int:
         parser = argparse.ArgumentParser(prog="python -m wings_jax.train", description=__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--workdir", help="default: runs/<config name>")
-        parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
-        parser.add_argument("--coordinator_address")
-        parser.add_argument("--num_processes", type=int)
-        parser.add_argument("--process_id", type=int)
+        distributed.add_flags(parser)
         parser.add_argument("--compile_only", action="store_true",
                             help="compile the train step and print its memory and cost, without training")
         parser.add_argument("--topology", help="with --compile_only: a TPU slice such as v5p-64 or v5e-16, "
@@ -401,7 +386,7 @@ def _main(argv: list[str], guard: PreemptionGuard) -> int:
         if guard.requested:
             print(f"{guard.signal_name} during start-up: stopped before training; nothing written", file=sys.stderr)
             return _exit_status(guard.signal_name)
-        _initialize_distributed(args)
+        distributed.initialize(args)
         result = train(cfg, workdir, guard=guard)
     except (ConfigError, TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
