@@ -5,7 +5,6 @@ import dataclasses
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from flax import nnx
 
 from hf_fixtures import make_qwen
 from jax_env import xla_flags
+from local_ports import free_port
 from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.convert.checkpoint import save_model
@@ -105,17 +105,11 @@ def test_results_name_the_checkpoint(runs):
     assert config["model_ckpt"] == ckpt and config["mixing"] == "corrected" and "note" not in config
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_one_process_samples(runs, tmp_path):
     """Each process is one lm-eval rank with a share of the requests; rank 0 gathers every sample."""
     ckpt, single, _ = runs
     out = str(tmp_path / "two")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     commands = [_wings_command(ckpt, out if i == 0 else str(tmp_path / "rank1"), ("wings_mc",),
                                ("--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)))
                 for i in range(2)]

@@ -1,7 +1,6 @@
 """Two local processes (jax.distributed on 127.0.0.1, 2 CPU devices each) train like one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,15 +12,10 @@ from wings_jax.config import load_config
 from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, CHECKSUMS_ITEM, load_model
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.train import train
+from local_ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(demo_data, steps):
@@ -63,7 +57,7 @@ def test_two_processes_match_one(tmp_path):
 
     multi = str(tmp_path / "multi")
     for steps in (3, 4):
-        port = _free_port()
+        port = free_port()
         outputs = _run([_command(multi, demo_data, steps, ("--coordinator_address", f"127.0.0.1:{port}",
                                                            "--num_processes", "2", "--process_id", str(i)))
                         for i in range(2)], devices=2)

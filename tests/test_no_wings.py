@@ -1,7 +1,6 @@
 """wings.enabled=False: a LLaVA-style model with no Wings branch (no learner or router parameters, no work)."""
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -19,7 +19,8 @@ from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IM_END, IM_START
 from wings_jax.data.errors import DataError
-from wings_jax.decoding import Decoder, GenerationError, Sampling, decode_text, load_for_inference
+from wings_jax.decoding import (Decoder, GenerationError, Sampling, decode_text, load_for_inference,
+                                position_limit)
 from wings_jax.sharding import make_mesh
 
 logger = logging.getLogger("wings_jax.harness")
@@ -60,12 +61,14 @@ class HarnessModel:
         model, self.tokenizer = load_for_inference(ckpt, dtype, mesh)
         self.decoder = Decoder(model, mesh)
         self.cfg = cfg = model.cfg
-        # the router weighs at most router_max_len positions; a scored row holds max_length + 1 tokens
-        limit = cfg.wings.router_max_len - 1 if cfg.wings.uses_router else cfg.llm.max_position_embeddings
+        # a scored row holds max_length + 1 tokens
+        router_limit = position_limit(cfg)
+        limit = cfg.llm.max_position_embeddings if router_limit is None else router_limit - 1
         self.max_length = limit if max_length is None else int(max_length)
         if not 0 < self.max_length <= limit:
-            raise ConfigError(f"model_args max_length={max_length} does not fit the model: at most {limit} "
-                              "(the router's wings.router_max_len - 1)")
+            why = ("the LLM's max_position_embeddings" if router_limit is None
+                   else "the router's wings.router_max_len - 1")
+            raise ConfigError(f"model_args max_length={max_length} does not fit the model: at most {limit} ({why})")
         self.max_gen_toks = int(max_gen_toks)
         if self.max_gen_toks < 1:
             raise ConfigError(f"model_args max_gen_toks must be positive, got {max_gen_toks}")
@@ -166,3 +169,11 @@ def hand_over(cli: Callable[[], None], prefix: Sequence[str], rest: Sequence[str
     finally:
         sys.argv = saved
     return 0
+
+
+def settings_groups(gen_kwargs: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """Indices of the requests that share generation settings, so that each batch has one setting."""
+    groups: dict[str, list[int]] = {}
+    for i, kwargs in enumerate(gen_kwargs):
+        groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
+    return groups

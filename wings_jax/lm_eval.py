@@ -36,7 +36,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from wings_jax.harness import HarnessModel, hand_over
+from wings_jax import distributed
+from wings_jax.harness import HarnessModel, hand_over, settings_groups
 
 
 @register_model("wings_jax")
@@ -103,9 +104,7 @@ class WingsLM(TemplateLM):
         return totals.tolist()
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):  # one generation setting per batch
-            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        groups = settings_groups([req.args[1] for req in requests])  # one generation setting per batch
         out: list[str | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0) as bar:
             for members in groups.values():
@@ -136,22 +135,12 @@ class WingsLM(TemplateLM):
         multihost_utils.sync_global_devices("wings_jax.lm_eval")
 
 
-def _distributed_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)  # --help goes on to lm-eval's own
-    p.add_argument("--distributed", action="store_true")
-    p.add_argument("--coordinator_address")
-    p.add_argument("--num_processes", type=int)
-    p.add_argument("--process_id", type=int)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    from wings_jax.train import _initialize_distributed
-
-    ours, rest = _distributed_flags().parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    return hand_over(cli_evaluate, ["lm-eval", "run"], rest, before=lambda: _initialize_distributed(ours))
+    flags = distributed.add_flags(argparse.ArgumentParser(add_help=False))  # --help goes on to lm-eval's own
+    ours, rest = flags.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    return hand_over(cli_evaluate, ["lm-eval", "run"], rest, before=lambda: distributed.initialize(ours))
 
 
 if __name__ == "__main__":

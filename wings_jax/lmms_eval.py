@@ -31,7 +31,7 @@ from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
 from wings_jax.decoding import GenerationError, encode_chat, with_continuation, with_image_placeholders
-from wings_jax.harness import HarnessModel, hand_over
+from wings_jax.harness import HarnessModel, hand_over, settings_groups
 
 
 class WingsLMMS(lmms):
@@ -74,9 +74,7 @@ class WingsLMMS(lmms):
             return self.engine.score(rows, bar.update)
 
     def generate_until(self, requests) -> list[str]:
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):  # one generation setting per batch
-            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        groups = settings_groups([req.args[1] for req in requests])  # one generation setting per batch
         out: list[str | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", disable=self.rank != 0) as bar:
             for members in groups.values():

@@ -39,7 +39,7 @@ from wings_jax.convert.checkpoint import read_config, save_model
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.conversation import Turn
 from wings_jax.data.pipeline import source_config
-from wings_jax.decoding import bucket_length, encode_chat, load_for_inference, pad_prompts
+from wings_jax.decoding import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation
 from wings_jax.evaluate import read_questions
 from wings_jax.experiments.synthetic import Files, make_data
 from wings_jax.model.wings import WingsModel
@@ -171,10 +171,7 @@ def attention_shift(workdir: str, probe_file: str) -> dict[str, Any]:
     for q in read_questions(probe_file):
         prompt = encode_chat(model.cfg, tokenizer, [Turn("user", q.question)], [q.image])
         answer = np.asarray(tokenizer(q.options[q.answer], add_special_tokens=False)["input_ids"], np.int32)
-        n = len(prompt.tokens) + len(answer)
-        prompts.append(prompt._replace(tokens=np.concatenate([prompt.tokens, answer]),
-                                       positions=np.arange(n, dtype=np.int32),
-                                       text_mask=np.concatenate([prompt.text_mask, np.ones(len(answer), bool)])))
+        prompts.append(with_continuation(prompt, answer))
     batch = pad_prompts(prompts, bucket_length(max(len(p.tokens) for p in prompts)))
     valid, image = batch["segment_ids"] > 0, batch["tokens"] == IMAGE_TOKEN_ID
     seen_image = np.cumsum(image, axis=1) > 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
 
 from wings_jax.convert.checkpoint import (  # noqa: F401 - CheckpointError: the error of a bad resume
     CHECKPOINTS_DIR, CHECKSUMS_ITEM, PARAMS_ITEM, CheckpointError, orbax_path, restore_newest, save_args,
