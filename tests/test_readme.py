@@ -38,6 +38,7 @@ import transformers
 from PIL import Image
 
 from hf_fixtures import make_qwen
+from local_ports import free_port
 from wings_fixtures import make_released_checkpoint
 from wings_jax.data.prepare import prepare
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer
@@ -50,8 +51,22 @@ VOCAB = 512
 SUBSTITUTIONS = {
     "ci-runs-it": ("the test command is what .ci/run runs (checked verbatim there); running it here would run "
                    "this test inside itself", None),
-    "skip-install": ("`pip install -e . && ` dropped: the tests run in the installed package",
-                     lambda c: c.replace("pip install -e . && ", "")),
+    "skip-install": ("`pip install -e .[EXTRA] && ` dropped: the tests run in the installed package (the test "
+                     "extra brings what the other extras do)", lambda c: re.sub(r"^pip install -e \S+ && ", "", c)),
+    "test-forgetting": ("run by tests/test_forgetting.py with the same flags plus --quick --seeds 1 --text-fraction 0.25 (the "
+                        "default experiment takes ~14 min here), which also checks its results", None),
+    "local-tasks": ("`--tasks <hub tasks>` -> the local multiple-choice task (tests/lm_eval_tasks, offline): the hub "
+                    "data sets cannot be downloaded here",
+                    lambda c: "HF_DATASETS_OFFLINE=1 " + re.sub(r"--tasks \S+", "--tasks wings_mc --include_path "
+                                                                "tests/lm_eval_tasks", c)),
+    "local-mm-tasks": ("`--tasks <hub tasks>` -> the local image task (tests/lmms_eval_tasks, offline): the hub data "
+                       "sets cannot be downloaded here",
+                       lambda c: "HF_DATASETS_OFFLINE=1 " + re.sub(r"--tasks \S+", "--tasks wings_mm_gen "
+                                                                   "--include_path tests/lmms_eval_tasks", c)),
+    "one-host-cluster": ("--distributed -> an explicit one-process cluster on 127.0.0.1 (no pod environment here to "
+                         "describe the cluster)",
+                         lambda c: c.replace("--distributed", "--coordinator_address 127.0.0.1:"
+                                             f"{free_port()} --num_processes 1 --process_id 0")),
     "demo-steps": ("--config.train.steps=30 appended: the demo's 300 steps take ~1.5 min here",
                    lambda c: c + " --config.train.steps=30"),
     "gs-local": ("gs://b/ -> the local directory gs_b/ (no network)", lambda c: c.replace("gs://b/", "gs_b/")),
@@ -95,6 +110,23 @@ COMMANDS = {
     'python -m wings_jax.generate --ckpt runs/demo --prompt "What colour is the image?" '
     "--image runs/demo_data/images/00000.png": (),
     "python -m wings_jax.evaluate --ckpt ckpt/wings --data mmlu.jsonl --batch-size 16": (),
+    "pip install -e '.[experiments]' && python -m wings_jax.experiments.forgetting --out runs/forgetting":
+        ("test-forgetting",),
+    # README.md, standard benchmarks (lm-eval commands run in bash: they read HF_DATASETS_OFFLINE)
+    "HF_DATASETS_OFFLINE=1 python -m wings_jax.lm_eval --model_args ckpt=ckpt/base,max_length=64 --tasks "
+    "wings_mc,wings_rolling,wings_gen --include_path tests/lm_eval_tasks --batch_size 8 --output_path runs/lm_eval "
+    "--log_samples": (),
+    "python -m wings_jax.lm_eval --model_args ckpt=ckpt/wings,dtype=bfloat16 --batch_size 16 --output_path "
+    "runs/retention --tasks mmlu,cmmlu,ceval-valid,arc_easy,arc_challenge,race,boolq,triviaqa,nq_open,hellaswag,"
+    "winogrande,piqa,social_iqa,commonsense_qa,gsm8k,minerva_math,humaneval,mbpp --confirm_run_unsafe_code":
+        ("local-tasks",),
+    "python -m wings_jax.lm_eval --distributed --model_args ckpt=gs://b/stage2,dtype=bfloat16 --tasks mmlu "
+    "--batch_size 16 --output_path runs/retention": ("one-host-cluster", "gs-local", "local-tasks"),
+    "HF_DATASETS_OFFLINE=1 python -m wings_jax.lmms_eval --model_args ckpt=ckpt/wings --tasks wings_mm_gen "
+    "--include_path tests/lmms_eval_tasks --batch_size 4 --output_path runs/lmms_eval --log_samples": (),
+    "python -m wings_jax.lmms_eval --model_args ckpt=ckpt/wings,dtype=bfloat16 --batch_size 8 --output_path "
+    "runs/multimodal --tasks mmmu_val,mme,mmbench_en_dev,scienceqa_img,seedbench,ai2d,hallusion_bench_image":
+        ("local-mm-tasks",),
     # launch/README.md
     'S="--project my-proj --zone us-east5-a --name wings-v5p"': (),
     "launch/tpu_pod.sh all $S --accelerator v5p-32 --config configs/finetune.py:main=gs://my-bucket/data/"
@@ -144,8 +176,10 @@ def test_every_readme_command_is_mapped():
 
 
 def test_set_up_commands_are_what_ci_runs():
-    """The README's test command is .ci/run's, verbatim; the demo command is its install plus the trainer."""
-    setup = [c for c in readme_commands((REPO / "README.md").read_text()) if c.startswith("pip install")]
+    """The README's Set-up section holds exactly two commands, the demo (install + trainer) and the test command,
+    which is .ci/run's verbatim."""
+    section = re.search(r"^## Set-up\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M).group(1)
+    setup = readme_commands(section)
     ci = (REPO / ".ci" / "run").read_text()
     test_command = [c for c in setup if COMMANDS[c] == ("ci-runs-it",)]
     assert len(setup) == 2 and len(test_command) == 1 and test_command[0] in ci.splitlines()
@@ -212,7 +246,7 @@ def _write_llava(path: Path, images: Path, n: int, with_images: bool) -> None:
 def workspace(tmp_path_factory):
     """The directory the commands run in, with every input they read under the README's names."""
     root = tmp_path_factory.mktemp("readme")
-    for linked in ("configs", "launch"):
+    for linked in ("configs", "launch", "tests"):
         (root / linked).symlink_to(REPO / linked)
     # hub model names -> tiny random local models with the same directory names
     make_qwen(str(root / "Qwen1.5-7B-Chat"), "qwen1.5", vocab_size=VOCAB)
@@ -268,15 +302,28 @@ def _run_python_module(command: str) -> int:
     return code or 0
 
 
-@pytest.mark.parametrize("readme, command", ALL, ids=[f"{n}:{i}" for i, (n, _) in enumerate(ALL)])
+def _test_id(index: int, readme: str, command: str) -> str:
+    """README.md:7:wings_jax_convert_import_wings: the module (and subcommand) names it, for `pytest -k`."""
+    words = command.split()
+    start = words.index("-m") + 1 if "-m" in words else 0
+    name = "_".join(w for w in words[start:start + 2] if not w.startswith("-"))
+    return f"{readme}:{index}:{re.sub(r'[^A-Za-z0-9]+', '_', name)}"
+
+
+@pytest.mark.parametrize("readme, command", ALL, ids=[_test_id(i, n, c) for i, (n, c) in enumerate(ALL)])
 def test_readme_command_runs(workspace, readme, command, capfd):
     subs = COMMANDS.get(command)
     if subs is None:
         pytest.fail(f"unmapped README command (add it to COMMANDS): {command}")
     if "ci-runs-it" in subs:
         pytest.skip("checked by test_set_up_commands_are_what_ci_runs")
+    if "test-forgetting" in subs:
+        pytest.skip(SUBSTITUTIONS["test-forgetting"][0])
     if "--topology" in command and importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (the TPU compiler of --compile_only --topology)")
+    for module, harness in (("wings_jax.lm_eval", "lm_eval"), ("wings_jax.lmms_eval", "lmms_eval")):
+        if f"-m {module} " in command and importlib.util.find_spec(harness) is None:
+            pytest.skip(f"{harness} is not installed here (its extra; .ci/run runs these in a second environment)")
     run = command
     for name in subs:
         run = SUBSTITUTIONS[name][1](run)
