@@ -188,11 +188,18 @@ def _read_item(directory: epath.Path, abstract: Any) -> Any:
     if abstract is None:
         return ocp.JsonCheckpointHandler().restore(directory, args=ocp.args.JsonRestore())
     handler = ocp.StandardCheckpointHandler()
-    stored = getattr(handler.metadata(directory), "tree", None)
-    if stored is not None:
-        abstract = jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding), abstract,
-                                stored)
-    return handler.restore(directory, args=ocp.args.StandardRestore(abstract))
+    return handler.restore(directory, args=ocp.args.StandardRestore(_as_stored(abstract, handler.metadata(directory))))
+
+
+def _as_stored(abstract: Any, metadata: Any) -> Any:
+    """``abstract`` with each array's dtype as saved. The metadata tree holds the saved leaves in the order
+    ``abstract`` flattens to (its containers as plain lists and dicts, so only the leaves are compared)."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    stored = jax.tree.leaves(getattr(metadata, "tree", None), is_leaf=lambda x: hasattr(x, "dtype"))
+    if len(stored) != len(leaves) or any(tuple(m.shape) != tuple(a.shape) for a, m in zip(leaves, stored)):
+        return abstract  # another layout: the restore itself reports it
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding)
+                                        for a, m in zip(leaves, stored)])
 
 
 def _cast(tree: Any, abstract: Any) -> Any:
