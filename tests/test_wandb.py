@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -33,6 +34,7 @@ def test_offline_run_gets_the_metrics_and_resumes(tmp_path, monkeypatch):
         for step, loss in enumerate(losses, start=start + 1):
             writer.write(step, {"loss": loss, "mfu": None})
         writer.close()
+        time.sleep(1.1)  # offline run directories are named to the second: a real restart takes longer than that
     run_id = open(os.path.join(workdir, "wandb_run_id")).read()
     runs = sorted(glob.glob(os.path.join(workdir, "wandb", f"offline-run-*-{run_id}", "run-*.wandb")))
     assert len(runs) == 2  # the restart logged into the same run id
