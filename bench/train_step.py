@@ -5,7 +5,7 @@
     python bench/train_step.py --preset orig-tiny --stage finetune   # issue 12's CPU shapes, fp32, remat none
     python bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batch 8 --attention cudnn   # on a GPU
 
-The step is ``wings_jax.train.plan(...)``'s (the one training runs), on all local devices with a
+The step is ``wings_jax.training.plan.plan(...)``'s (the one training runs), on all local devices with a
 data-parallel mesh. The first step (compilation) is excluded; the figures are the median of the
 timed steps. MFU uses wings_jax.flops (model FLOPs of the padded shapes) and the device's peak;
 on CPU, where no peak is listed, the step's FLOP rate is reported as a fraction of a 2048^3 float32
@@ -26,7 +26,7 @@ from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.pipeline import source_config
 from wings_jax.flops import peak_flops_per_device
 from wings_jax.model.layers import REMAT_POLICIES
-from wings_jax.train import initial_state, plan
+from wings_jax.training.plan import initial_state, plan
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
 PRESETS = {

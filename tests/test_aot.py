@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wings_jax import aot
+from wings_jax import aot, hlo_loops
 from wings_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +70,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   ROOT %r = f32[8] get-tuple-element(%w), index=1
 }
 """
-    assert aot.loop_scale(hlo) == pytest.approx(410 / 110)
-    assert aot.loop_scale(hlo.replace("direction=LT", "direction=NE")) is None  # unknown loop shape
+    assert hlo_loops.loop_scale(hlo) == pytest.approx(410 / 110)
+    assert hlo_loops.loop_scale(hlo.replace("direction=LT", "direction=NE")) is None  # unknown loop shape
 
 
 @needs_libtpu

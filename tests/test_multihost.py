@@ -11,7 +11,7 @@ from wings_jax import sharding
 from wings_jax.config import load_config
 from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, CHECKSUMS_ITEM, load_model
 from wings_jax.data.demo import ensure_demo_dataset
-from wings_jax.train import train
+from wings_jax.training.loop import train
 from local_ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,7 @@ from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Qwen2, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import flat_values, materialize, param_shapes
-from wings_jax.train import train
+from wings_jax.training.loop import train
 
 T = (TINY_VISION.image_size // TINY_VISION.patch_size) ** 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import pytest
 
 from wings_jax import sharding
 from wings_jax.config import load_config
-from wings_jax.train import plan
+from wings_jax.training.plan import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Qwen1.5-7B-Chat: 151936 x 4096 embeddings and lm_head, 32 layers of q/k/v (with biases), o, SwiGLU 11008, 2 norms.

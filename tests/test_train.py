@@ -22,9 +22,10 @@ from wings_jax.evaluate import evaluate, read_questions
 from wings_jax.generate import main as generate_main
 from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
-from wings_jax.train import TrainingError, plan, train
 from wings_jax.training.checkpointing import CheckpointError
+from wings_jax.training.loop import TrainingError, train
 from wings_jax.training.metrics import MetricsWriter
+from wings_jax.training.plan import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -351,7 +352,7 @@ def test_step_times_leave_the_evaluation_out(demo_data, tmp_path, monkeypatch):
     """A fake clock jumps by 1000 s during each evaluation: no logged step time may include the jump."""
     import types
 
-    import wings_jax.train as train_module
+    import wings_jax.training.loop as train_module
 
     offset = [0.0]
     clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])

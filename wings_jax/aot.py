@@ -1,8 +1,8 @@
 """Compile-ahead planning: compile the train step for a TPU slice (or the local devices) without running it.
 
-    python -m wings_jax.train --config configs/finetune.py:main=/tmp/x.array_record --compile_only --topology v5p-32
+    python -m wings_jax.train --config configs/finetune.py --compile_only --topology v5p-32
 
-:func:`compile_only` builds the run's :func:`wings_jax.train.plan` over the devices of a TPU
+:func:`compile_only` builds the run's :func:`wings_jax.training.plan.plan` over the devices of a TPU
 topology description (from libtpu, no TPU needed) or over the local devices, lowers and compiles
 the sharded train step from abstract arguments (no parameter values, no data files), and reports
 what XLA says about one chip: memory, FLOPs and its step-time estimate. :func:`format_report`
@@ -14,7 +14,7 @@ Slice names follow Cloud TPU: ``v4-N`` and ``v5p-N`` count TensorCores (2 per ch
 The step-time estimate is XLA's TPU cost model (``optimal_seconds`` of ``cost_analysis()``). XLA
 counts the body of every ``while`` loop once (scanned layers, attention chunks, loss chunks), so
 the estimate is scaled by the trip counts read from the compiled HLO, weighting each instruction
-by the cycles the TPU compiler estimated for it (see :func:`loop_scale`).
+by the cycles the TPU compiler estimated for it (see :func:`wings_jax.hlo_loops.loop_scale`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from wings_jax import sharding
 from wings_jax.flops import PEAK_FLOPS, peak_flops_per_device
+from wings_jax.hlo_loops import loop_scale
 from wings_jax.params import flatten_dict
-from wings_jax.train import plan
+from wings_jax.training.plan import plan
 
 GIB = 1024**3
 # Parameters whose layout the report shows (those the model has).
@@ -132,125 +133,6 @@ def topology_devices(s: Slice) -> list[jax.Device]:
     except Exception as e:  # noqa: BLE001 - libtpu's errors name the problem; add what was asked
         raise AotError(f"libtpu could not describe {s.name} (as {s.libtpu_name!r}): {e}") from e
 
-
-# ---------------------------------------------------------------------------------------------
-# Loop-aware step time from the compiled HLO
-
-_HEADER = re.compile(r"(ENTRY )?%(\S+) ")
-_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
-_WHILE = re.compile(r"\bwhile\((%[^)\s,]+)\), condition=%([^,\s]+), body=%([^,\s]+)")
-_CALLED = re.compile(r"\b(?:to_apply|true_computation|false_computation)=%([^,\s}]+)")
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_DEF = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
-_CONST = re.compile(r"constant\((-?\d+)\)")
-_GTE = re.compile(r"get-tuple-element\(%[^)]+\), index=(\d+)")
-
-
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-    comps: dict[str, list[str]] = {}
-    current, entry = None, ""
-    for line in hlo.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            header = _HEADER.match(line)
-            if header:
-                current = header.group(2)
-                comps[current] = []
-                entry = current if header.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            comps[current].append(line)
-    return comps, entry
-
-
-def _defs(lines: list[str]) -> dict[str, str]:
-    return {m.group(1): line for line in lines if (m := _DEF.match(line))}
-
-
-def _operands(line: str, op: str) -> list[str]:
-    inner = re.sub(r"/\*.*?\*/", "", line.split(f" {op}(", 1)[1].split(")", 1)[0])
-    return [a.strip().lstrip("%") for a in inner.split(",")]
-
-
-def _definition(name: str, defs: dict[str, str]) -> str:
-    """The line defining ``name``, looking through copies."""
-    line = defs.get(name, "")
-    return _definition(_operands(line, "copy")[0], defs) if " copy(" in line else line
-
-
-def _constant(name: str, defs: dict[str, str]) -> int | None:
-    line = _definition(name, defs)
-    m = _CONST.search(line) if " constant(" in line else None
-    return int(m.group(1)) if m else None
-
-
-def _trip_count(parent: list[str], init: str, cond: list[str], body: list[str]) -> int | None:
-    """``for (i = c0; i < n; i += s)`` as XLA writes a scan's loop; None for any other shape."""
-    root = next((line for line in cond if line.lstrip().startswith("ROOT ")), "")
-    if " compare(" not in root or "direction=LT" not in root:
-        return None
-    cond_defs = _defs(cond)
-    counter, limit = _operands(root, "compare")
-    index_match = _GTE.search(_definition(counter, cond_defs))
-    n = _constant(limit, cond_defs)
-    if index_match is None or n is None:
-        return None
-    index = int(index_match.group(1))
-    parent_defs, body_defs = _defs(parent), _defs(body)
-    init_line = parent_defs.get(init, "")
-    body_root = next((line for line in body if line.lstrip().startswith("ROOT ")), "")
-    if " tuple(" not in init_line or " tuple(" not in body_root:
-        return None
-    initial, updated = _operands(init_line, "tuple"), _operands(body_root, "tuple")
-    if index >= min(len(initial), len(updated)):
-        return None
-    start, next_line = _constant(initial[index], parent_defs), _definition(updated[index], body_defs)
-    if start is None or " add(" not in next_line:
-        return None
-    step = next((c for a in _operands(next_line, "add") if (c := _constant(a, body_defs)) is not None), None)
-    if not step or step < 0:
-        return None
-    return max(0, -(-(n - start) // step))
-
-
-def loop_scale(hlo: str) -> float | None:
-    """(estimated cycles of one step, loops run their trip counts) / (the same, each loop body once).
-
-    Cycles are the TPU compiler's per-instruction ``estimated_cycles``; fused computations are
-    costed by their fusion instruction; a conditional counts its costliest branch. None when a
-    loop's trip count cannot be read or the module carries no cycle estimates (not a TPU module).
-    """
-    comps, entry = _computations(hlo)
-
-    def cost(name: str, once: bool) -> tuple[int, bool]:
-        total, known = 0, True
-        lines = comps.get(name, [])
-        for line in lines:
-            cycles = _CYCLES.search(line)
-            total += int(cycles.group(1)) if cycles else 0
-            loop = _WHILE.search(line)
-            if loop:
-                init, cond, body = loop.group(1).lstrip("%"), loop.group(2), loop.group(3)
-                inner, inner_known = cost(body, once)
-                trips = 1 if once else _trip_count(lines, init, comps.get(cond, []), comps.get(body, []))
-                known &= inner_known and trips is not None
-                total += inner * (trips or 1)
-            for called in _CALLED.findall(line):
-                inner, inner_known = cost(called, once)
-                total, known = total + inner, known and inner_known
-            branches = _BRANCHES.search(line)
-            if branches:
-                costs = [cost(b.strip().lstrip("%"), once) for b in branches.group(1).split(",")]
-                total += max(c for c, _ in costs)
-                known &= all(k for _, k in costs)
-        return total, known
-
-    once, _ = cost(entry, once=True)
-    looped, known = cost(entry, once=False)
-    return looped / once if known and once else None
-
-
-# ---------------------------------------------------------------------------------------------
 
 def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) -> dict[str, Any]:
     """Compiles the config's train step for ``topology`` (a TPU slice name) or the local devices.

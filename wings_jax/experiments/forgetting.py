@@ -2,7 +2,7 @@
 
     python -m wings_jax.experiments.forgetting --out DIR [--seeds N] [--quick] [--text-fraction F ...]
 
-Phases (every one is ``wings_jax.train.train`` on LLaVA JSONL + PNG files through the real pipeline,
+Phases (every one is ``wings_jax.training.loop.train`` on LLaVA JSONL + PNG files through the real pipeline,
 image preprocessing and a SigLIP tower; accuracies are ``wings_jax.evaluate`` option log-likelihoods on
 held-out items, logged by ``train.eval_every``):
   1. a tiny Qwen2 learns four text-only skills from scratch (once; the random tower stays frozen throughout);
@@ -45,7 +45,7 @@ from wings_jax.experiments.synthetic import Files, make_data
 from wings_jax.model.wings import WingsModel
 from wings_jax.params import flat_values, materialize
 from wings_jax.sharding import make_mesh
-from wings_jax.train import train
+from wings_jax.training.loop import train
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
 
 ARMS = ("wings", "llava")
