@@ -1,7 +1,7 @@
 """Compile-ahead sweeps: the train step of one or more configs for several TPU slices, meshes and remat policies.
 
     python bench/compile_plan.py --out /tmp/plans.jsonl --jobs 2 --timeout 1200 \\
-        --config configs/finetune.py:main=/tmp/x.array_record \\
+        --config configs/finetune.py \\
         --topology v5p-8 v5p-16 --mesh fsdp=-1 --remat full dots
 
 Every combination of --config x --topology x --mesh x --remat x --grad_accum is

@@ -23,7 +23,6 @@ import numpy as np
 
 from wings_jax import sharding
 from wings_jax.data.constants import IMAGE_TOKEN_ID
-from wings_jax.data.pipeline import source_config
 from wings_jax.flops import peak_flops_per_device
 from wings_jax.model.layers import REMAT_POLICIES
 from wings_jax.training.plan import initial_state, plan
@@ -107,7 +106,6 @@ def main() -> None:
     remat = args.remat or preset.get("remat", "attention")
     c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=remat,
                           attention=args.attention))
-    c.data.sources = [source_config("llava_json", "unused.jsonl")]  # the bench feeds synthetic batches
     c.data.max_len = seq_len
     c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"], loss_chunk=preset.get("loss_chunk", min(512, seq_len))))
     c.optim.groups = PRETRAIN_GROUPS if args.stage == "pretrain" else FINETUNE_GROUPS

@@ -105,7 +105,7 @@ COMMANDS = {
     "python -m wings_jax.train --config configs/finetune.py:main=gs://b/instruct.array_record,"
     "text=gs://b/text-*.array_record --config.init_from=gs://b/stage1 --workdir gs://b/stage2":
         ("tiny-recipe", "gs-local"),
-    "python -m wings_jax.train --config configs/finetune.py:main=/tmp/x.array_record --compile_only "
+    "python -m wings_jax.train --config configs/finetune.py --compile_only "
     "--topology v5p-64": ("tiny-compile",),
     'python -m wings_jax.generate --ckpt runs/demo --prompt "What colour is the image?" '
     "--image runs/demo_data/images/00000.png": (),

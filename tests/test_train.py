@@ -256,6 +256,16 @@ def test_config_errors_are_clear(demo_data, tmp_path, capsys):
         plan(cfg, _single_device_mesh())
 
 
+def test_planning_needs_the_data_shapes_not_its_sources(demo_data, tmp_path):
+    """A step compiles from max_len / max_images alone; only training refuses a run with nothing to read."""
+    cfg = load_config(DEMO, ["demo_data.dir=", "data.max_len=64", "train.loss_chunk=64"])
+    assert not cfg.data.sources
+    p = plan(cfg, _single_device_mesh())
+    assert p.batch_shapes["tokens"].shape == (cfg.train.global_batch_size, 64)
+    with pytest.raises(ConfigError, match="data.sources is empty"):
+        train(cfg, str(tmp_path / "run"), mesh=_single_device_mesh())
+
+
 def test_gradient_accumulation_matches_one_big_batch(demo_data, tmp_path):
     one = train(_config(demo_data, "train.steps=2", "checkpoint.every=100"), str(tmp_path / "a"),
                 mesh=_single_device_mesh())

@@ -25,6 +25,7 @@ from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import peak_flops_per_device
 from wings_jax.params import abstract_model
+from wings_jax.training import run_config
 from wings_jax.training.checkpointing import Checkpointer
 from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
 from wings_jax.training.plan import initial_state, merge_params, plan, split_params
@@ -90,6 +91,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     own_guard = guard is None
     guard = guard or PreemptionGuard()
     _prepare_demo_data(cfg)
+    run_config.check_sources(cfg)
     mesh = mesh or sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     p = plan(cfg, mesh, jax.process_count())
     eval_every = cfg.train.eval_every  # its files are read before anything is opened that would need closing

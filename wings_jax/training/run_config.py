@@ -122,7 +122,8 @@ def runtime(cfg: ml_collections.ConfigDict) -> Runtime:
 
 
 def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_shards: int, process_count: int) -> None:
-    """Batch sizes and lengths that cannot work are refused with the numbers at fault."""
+    """Batch sizes and lengths that cannot work are refused with the numbers at fault (the data's sources are
+    not needed to plan a step: :func:`check_sources` is training's)."""
     t = cfg.train
     b, accum = t.global_batch_size, t.grad_accum
     if b <= 0 or accum <= 0 or t.steps <= 0:
@@ -133,8 +134,6 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
         raise ConfigError(
             f"train.global_batch_size={b} must be a multiple of (data x fsdp = {batch_shards}) x "
             f"(train.grad_accum = {accum}) = {batch_shards * accum}: each micro-batch is split over the batch axes")
-    if not cfg.data.sources and not cfg.demo_data.dir:
-        raise ConfigError("data.sources is empty; name the training data (see the config file's docstring)")
     max_len = cfg.data.max_len
     wings = model.wings
     if wings.uses_router and max_len > wings.router_max_len:
@@ -158,6 +157,12 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
         raise ConfigError("train.eval_every runs on one process only for now; set it to 0 for multi-host runs")
     if model.vision is None and cfg.data.max_images:
         raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
+
+
+def check_sources(cfg: ml_collections.ConfigDict) -> None:
+    """A run that trains needs data to read (compile-only planning does not)."""
+    if not cfg.data.sources and not cfg.demo_data.dir:
+        raise ConfigError("data.sources is empty; name the training data (see the config file's docstring)")
 
 
 def check_optim(optim: ml_collections.ConfigDict) -> None:
