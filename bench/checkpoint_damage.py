@@ -4,7 +4,7 @@
 
 Each trial writes a tiny Wings model's checkpoint (a training workdir with steps 1 and 2, or a converted
 checkpoint), damages it one way and restores it with the routine training resume, generate and evaluate share
-(``convert.checkpoint.restore_newest``); it prints one Markdown table row per kind. Then it times the
+(``wings_jax.checkpoint.restore_newest``); it prints one Markdown table row per kind. Then it times the
 checksums of ``--size-mb`` of float32 arrays against a synchronous orbax save of the same arrays.
 Bounded: about a minute on a 2-core CPU.
 """
@@ -23,14 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wings_jax.convert.checkpoint import (
-    CHECKPOINTS_DIR, CHECKSUMS_ITEM, PARAMS_ITEM, CheckpointError, params_dict, restore_newest, save_model,
+from wings_jax.checkpoint import (
+    CHECKPOINTS_DIR, CHECKSUMS_ITEM, PARAMS_ITEM, CheckpointError, Checkpointer, checksums, params_dict, restore_newest,
+    save_model,
 )
-from wings_jax.convert.checksums import checksums
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import QwenConfig, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
-from wings_jax.training.checkpointing import Checkpointer
 
 TINY = WingsModelConfig(llm=QwenConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                                        num_heads=4, num_kv_heads=2), vision=None, wings=WingsConfig())

@@ -18,7 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from wings_jax.convert.__main__ import main as convert_main
-from wings_jax.convert.checkpoint import save_model
+from wings_jax.checkpoint import save_model
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.errors import DataError
 from wings_jax.data.pipeline import default_data_config, make_data_iterator, source_config

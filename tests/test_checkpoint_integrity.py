@@ -12,14 +12,13 @@ import pytest
 
 from test_evaluate import RECORDS, write_jsonl
 from test_generate import save_vision_checkpoint
-from wings_jax.convert.checkpoint import (
-    CHECKPOINTS_DIR, CHECKSUMS_ITEM, CONFIG_FILE, PARAMS_ITEM, CheckpointError, load_model, params_dict,
+from wings_jax.checkpoint import (
+    CHECKPOINTS_DIR, CHECKSUMS_ITEM, CONFIG_FILE, PARAMS_ITEM, CheckpointError, Checkpointer, checksums, load_model,
+    params_dict,
 )
-from wings_jax.convert.checksums import checksums
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.generate import main as generate_main
 from wings_jax.model.qwen import Runtime
-from wings_jax.training.checkpointing import Checkpointer
 
 
 def overwrite_bytes(item_dir: str) -> str:

@@ -13,7 +13,7 @@ from hf_fixtures import make_qwen
 from torch_wings_reference import ReleasedWings
 from wings_fixtures import make_released_checkpoint
 from wings_jax.convert.__main__ import main as convert_main
-from wings_jax.convert.checkpoint import load_model
+from wings_jax.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.convert.wings_params import import_wings
 from wings_jax.data.constants import IMAGE_TOKEN_ID

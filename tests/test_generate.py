@@ -16,7 +16,7 @@ from PIL import Image
 from hf_fixtures import make_qwen
 from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_model
 from wings_jax.convert.__main__ import main as convert_main
-from wings_jax.convert.checkpoint import save_model
+from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer

@@ -17,7 +17,7 @@ from jax_env import xla_flags
 from local_ports import free_port
 from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b
 from wings_jax.convert.__main__ import main as convert_main
-from wings_jax.convert.checkpoint import save_model
+from wings_jax.checkpoint import save_model
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Runtime

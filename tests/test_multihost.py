@@ -9,7 +9,7 @@ import jax
 from jax_env import xla_flags
 from wings_jax import sharding
 from wings_jax.config import load_config
-from wings_jax.convert.checkpoint import CHECKPOINTS_DIR, CHECKSUMS_ITEM, load_model
+from wings_jax.checkpoint import CHECKPOINTS_DIR, CHECKSUMS_ITEM, load_model
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.training.loop import train
 from local_ports import free_port

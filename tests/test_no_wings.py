@@ -10,7 +10,7 @@ from hf_fixtures import make_qwen
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
 from wings_jax.config import load_config
 from wings_jax.convert.__main__ import main as convert_main
-from wings_jax.convert.checkpoint import load_model
+from wings_jax.checkpoint import load_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.demo import ensure_demo_dataset

@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from wings_jax import sharding
-from wings_jax.config import ConfigError, load_config
-from wings_jax.convert.checkpoint import load_model
 from jax_env import xla_flags
+from wings_jax import sharding
+from wings_jax.checkpoint import CheckpointError, load_model
+from wings_jax.config import ConfigError, load_config
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.evaluate import evaluate, read_questions
 from wings_jax.generate import main as generate_main
 from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main
-from wings_jax.training.checkpointing import CheckpointError
 from wings_jax.training.loop import TrainingError, train
 from wings_jax.training.metrics import MetricsWriter
 from wings_jax.training.plan import plan

@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from wings_jax.convert.checkpoint import load_model
+from wings_jax.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt, encode_prompt
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from wings_jax import aot, distributed
 from wings_jax.config import ConfigError, parse_command_line
-from wings_jax.training.checkpointing import CheckpointError
+from wings_jax.checkpoint import CheckpointError
 from wings_jax.training.loop import TrainingError, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")

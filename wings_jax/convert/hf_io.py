@@ -14,10 +14,6 @@ from safetensors.numpy import save_file
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
-)
 
 
 class ConversionError(ValueError):
@@ -156,15 +152,3 @@ def write_safetensors(
     with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names
-
-
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copies the tokenizer files present in ``src`` to ``dst`` (local or gs://); returns their names."""
-    source, target = epath.Path(src), epath.Path(dst)
-    target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            (target / name).write_bytes((source / name).read_bytes())
-            copied.append(name)
-    return copied

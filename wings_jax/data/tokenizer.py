@@ -117,7 +117,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         )
     if not _is_remote(path):
         return _load_local(path, path)
-    from ..convert.hf_io import TOKENIZER_FILES, copy_tokenizer_files  # numpy and safetensors, no JAX
+    from ..checkpoint import TOKENIZER_FILES, copy_tokenizer_files
 
     with tempfile.TemporaryDirectory(prefix="wings_jax_tokenizer_") as local:
         if not copy_tokenizer_files(path, local):

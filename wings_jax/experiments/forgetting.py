@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from wings_jax.convert.checkpoint import read_config, save_model
+from wings_jax.checkpoint import read_config, save_model
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.conversation import Turn
 from wings_jax.data.pipeline import source_config

@@ -1,1 +1,1 @@
-"""Training: optimizer groups, loss, the sharded train step, checkpointing and metrics."""
+"""Training: parameter groups, optimizer, loss, the planned sharded step and the loop, metrics."""

@@ -16,9 +16,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from wings_jax import sharding
-from wings_jax.convert import checkpoint
-from wings_jax.convert.hf_io import copy_tokenizer_files
+from wings_jax import checkpoint, sharding
+from wings_jax.checkpoint import Checkpointer, copy_tokenizer_files
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
@@ -26,7 +25,6 @@ from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import peak_flops_per_device
 from wings_jax.params import abstract_model
 from wings_jax.training import run_config
-from wings_jax.training.checkpointing import Checkpointer
 from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
 from wings_jax.training.plan import initial_state, merge_params, plan, split_params
 from wings_jax.training.preemption import PreemptionGuard

@@ -12,8 +12,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from wings_jax import sharding
-from wings_jax.convert import checkpoint
+from wings_jax import checkpoint, sharding
 from wings_jax.data.assemble import batch_spec
 from wings_jax.flops import count_flops
 from wings_jax.model.wings import WingsModel, WingsModelConfig

@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from wings_jax.config import ConfigError
-from wings_jax.convert import checkpoint
+from wings_jax import checkpoint
 from wings_jax.data.pipeline import default_data_config
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModelConfig

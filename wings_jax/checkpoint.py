@@ -5,12 +5,14 @@ A converted checkpoint is::
     CKPT/
       wings_config.json   {"format": ..., "model": WingsModelConfig, "metadata": {...}}  (written last)
       params/             orbax PyTree of the model's parameters (nested dict, '/'-paths as in params.py)
-      checksums/          every saved array's checksum (see checksums.py), verified at restore
+      checksums/          every saved array's checksum (:func:`checksums`), verified at restore
       tokenizer files     tokenizer.json, tokenizer_config.json, ...
 
 A training workdir holds the same ``wings_config.json`` and tokenizer at its root and
 ``checkpoints/<step>/{params, checksums, ...}`` per saved step; :func:`load_model` accepts either and
 :func:`restore_newest` is the one restore (with its fallback past damaged steps) of resume, generate and evaluate.
+Training saves its steps (params / opt_state / extra / checksums) through :class:`Checkpointer`, an orbax
+CheckpointManager: orbax writes each step under a temporary name and renames it when complete.
 """
 from __future__ import annotations
 
@@ -21,14 +23,14 @@ import os
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from wings_jax.convert.checksums import ALGORITHM, checksums, mismatches, path_name
-from wings_jax.convert.hf_io import ConversionError, copy_tokenizer_files
+from wings_jax.convert.hf_io import ConversionError
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model
@@ -37,9 +39,82 @@ FORMAT = "wings_jax/1"
 CONFIG_FILE = "wings_config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
-CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: checksum}}}, see checksums.py
+CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: checksum}}}, see checksums()
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
 
 log = logging.getLogger("wings_jax.checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums of saved arrays, computed on the devices from the arrays themselves.
+#
+# An array's checksum is the sum (mod 2**32) over its elements of a hash of (flat index, bit pattern). Integer
+# addition is exact and order-free, so the value does not depend on how the array is sharded or on how many
+# processes save or restore it, and every process of a restore gets the same verdict (the sum is one global
+# reduction). It costs one fused pass over device memory when a step is saved and when it is restored: no host
+# copy and no reading the files back after orbax finalises them, so asynchronous saves stay asynchronous.
+
+ALGORITHM = "wings_jax/sum32-murmur3/1"
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: every input bit reaches every output bit."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    bits = x.astype(jnp.uint32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize])
+    index = jnp.zeros(x.shape, jnp.uint32)  # the flat index (mod 2**32): moved values change the sum too
+    for axis, size in enumerate(x.shape):
+        index = index * np.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    return jnp.sum(_mix(bits.astype(jnp.uint32) ^ _mix(index + np.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+_leaf_checksums = jax.jit(lambda leaves: [_array_checksum(x) for x in leaves])
+
+
+def path_name(path: tuple) -> str:
+    """A PyTree key path as '/'-joined keys (``llm/layers/attn/q/kernel``)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def checksums(tree: Any) -> dict[str, int]:
+    """``{'/'-joined path: checksum}`` of every array of ``tree``."""
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = jax.device_get(_leaf_checksums([leaf for _, leaf in named]))
+    return {path_name(path): int(value) for (path, _), value in zip(named, values)}
+
+
+def mismatches(tree: Any, expected: Mapping[str, int]) -> list[str]:
+    """Paths whose arrays differ from ``expected`` (present in only one of the two counts as differing)."""
+    actual = checksums(tree)
+    return sorted(k for k in actual.keys() | expected.keys() if actual.get(k) != expected.get(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout, save and restore
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer files present in ``src`` to ``dst`` (local or gs://); returns their names."""
+    source, target = epath.Path(src), epath.Path(dst)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+            copied.append(name)
+    return copied
 
 
 def orbax_path(path: str | os.PathLike) -> epath.Path:
@@ -288,3 +363,38 @@ def load_model(
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params.to_pure_dict(),
                           shardings)
     return nnx.merge(graphdef, restore_params(path, target)), metadata
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, async_save: bool):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.workdir = workdir
+        self.manager = ocp.CheckpointManager(orbax_path(workdir) / CHECKPOINTS_DIR, options=options,
+                                             item_names=(PARAMS_ITEM, "opt_state", "extra", CHECKSUMS_ITEM))
+
+    def save(self, step: int, params: Any, opt_state: Any, extra: dict[str, Any]) -> None:
+        args = save_args({PARAMS_ITEM: params, "opt_state": opt_state}, {"extra": extra})
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict] | None:
+        """(step, params, opt_state, extra) of the newest good step; None when there is no step.
+
+        A damaged step (half-written by a killed process, truncated or overwritten files) is moved aside and
+        the one before it is used (:func:`restore_newest`). A complete step written for another model or
+        optimizer (the config changed) is an error: resuming from scratch would silently lose the run.
+        """
+        if not self.manager.all_steps():
+            return None
+        try:
+            directory, restored = restore_newest(self.workdir, {PARAMS_ITEM: abstract_params,
+                                                                "opt_state": abstract_opt_state, "extra": None})
+        finally:
+            self.manager.reload()  # steps may have been moved aside
+        return int(directory.name), restored[PARAMS_ITEM], restored["opt_state"], restored["extra"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
