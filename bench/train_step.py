@@ -23,7 +23,7 @@ import numpy as np
 
 from wings_jax import sharding
 from wings_jax.data.constants import IMAGE_TOKEN_ID
-from wings_jax.flops import peak_flops_per_device
+from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.model.layers import REMAT_POLICIES
 from wings_jax.training.plan import initial_state, plan
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
@@ -130,7 +130,7 @@ def main() -> None:
     seconds = statistics.median(times)
     tokens = c.train.global_batch_size * seq_len
     peak = peak_flops_per_device()
-    mfu = p.flops_per_step / seconds / (peak * mesh.size) if peak else None
+    utilisation = mfu(p.flops_per_step, seconds, peak, mesh.size)
     trainable_count = sum(x.size for x in jax.tree.leaves(trainable))
     total = trainable_count + sum(x.size for x in jax.tree.leaves(frozen))
     print(f"device: {jax.devices()[0].device_kind} x{mesh.size} ({jax.default_backend()})")
@@ -138,9 +138,9 @@ def main() -> None:
           f"trainable), batch {c.train.global_batch_size} x {seq_len} tokens, {c.runtime.dtype} compute, "
           f"remat {remat}, attention {args.attention}")
     print(f"step time {seconds * 1e3:.1f} ms (median of {len(times)}), {tokens / seconds:,.0f} tokens/s, "
-          f"model FLOPs/step {p.flops_per_step:.3e}, MFU {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'}, "
+          f"model FLOPs/step {p.flops_per_step:.3e}, MFU {'n/a (peak unknown)' if utilisation is None else f'{utilisation:.1%}'}, "
           f"final loss {float(metrics['loss']):.3f}")
-    if mfu is None:  # no listed peak (CPU): compare with a large matmul timed now, on the same machine
+    if utilisation is None:  # no listed peak (CPU): compare with a large matmul timed now, on the same machine
         rate = p.flops_per_step / seconds
         matmul = matmul_flops_per_second()
         print(f"step {rate / 1e9:.1f} GFLOP/s = {rate / matmul:.1%} of a 2048^3 float32 matmul "

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wings_jax import aot, hlo_loops
+from wings_jax import aot, flops, hlo_loops
 from wings_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,3 +150,8 @@ def test_missing_libtpu_says_how_to_install_it(monkeypatch):
     assert aot.libtpu_requirement().startswith("libtpu==")
     with pytest.raises(aot.AotError, match=re.escape(f"pip install '{aot.libtpu_requirement()}'")):
         aot.topology_devices(aot.parse_topology("v5p-8"))
+
+
+def test_mfu_is_model_flops_over_the_peak_of_all_devices():
+    assert flops.mfu(8e12, 2.0, 1e12, devices=8) == pytest.approx(0.5)
+    assert flops.mfu(8e12, 2.0, None, devices=8) is None and flops.mfu(8e12, None, 1e12, devices=8) is None

@@ -33,7 +33,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from wings_jax import sharding
-from wings_jax.flops import PEAK_FLOPS, peak_flops_per_device
+from wings_jax.flops import PEAK_FLOPS, mfu, peak_flops_per_device
 from wings_jax.hlo_loops import loop_scale
 from wings_jax.params import flatten_dict
 from wings_jax.training.plan import plan
@@ -210,7 +210,7 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
         memory=memory, total_bytes=total, fits=hbm is None or total <= hbm,
         compiler_flops=cost.get("flops"), optimal_seconds=optimal, estimated_step_seconds=step_seconds,
         step_time_note=note,
-        mfu=p.flops_per_step / (step_seconds * peak * len(devices)) if step_seconds and peak else None,
+        mfu=mfu(p.flops_per_step, step_seconds, peak, len(devices)),
     )
     return report
 

@@ -42,6 +42,14 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def mfu(flops_per_step: float, step_seconds: float | None, peak_per_device: float | None, devices: int) -> float | None:
+    """Model FLOPs utilisation: the step's model FLOPs per second over the peak of all ``devices``; None when the
+    step time or the peak is unknown."""
+    if not step_seconds or not peak_per_device:
+        return None
+    return flops_per_step / (step_seconds * peak_per_device * devices)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
     forward: dict[str, float]

@@ -22,7 +22,7 @@ from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.evaluate import Question, evaluate, read_questions
-from wings_jax.flops import peak_flops_per_device
+from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.params import abstract_model
 from wings_jax.training import run_config
 from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
@@ -171,7 +171,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 **{k: float(v) for k, v in metrics.items() if k.startswith(LEARNING_RATE_PREFIX)},  # every group's
                 "tokens_per_s": float(metrics["tokens"]) / seconds, "step_time_s": seconds,
-                "mfu": (p.flops_per_step / seconds / (peak * mesh.size)) if peak else None,
+                "mfu": mfu(p.flops_per_step, seconds, peak, mesh.size),
             }
             # a pre-empted run saves first: its grace period is no time for an evaluation
             evaluated = eval_every and not guard.requested and (done % eval_every == 0 or done == cfg.train.steps)
