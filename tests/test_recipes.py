@@ -2,6 +2,7 @@
 plan their sharded step on 8 devices: the model, the trained sets, the learning rates and the layouts they ship."""
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from wings_jax import sharding
 from wings_jax.config import load_config
+from wings_jax.params import component
 from wings_jax.training.plan import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +79,15 @@ def test_full_size_recipe_plans(name, batch, lrs):
     dense = 6 * QWEN15_7B_PARAMS * batch * 2048
     low, high = (0.6, 0.9) if name == "pretrain" else (0.9, 1.5)
     assert low * dense <= p.flops_per_step <= high * dense
+
+
+def test_parameter_parts_are_named_once():
+    """The recipes' groups and the FLOP count's components read the same path prefixes (wings_jax.params)."""
+    parts = {path: component(path) for path in ("llm/layers/attn/q/kernel", "llm/layers/side/visual/q_a",
+                                                 "llm/layers/side/router/weight", "projector/fc1/kernel",
+                                                 "vision/layers/mlp/fc1/kernel", "llm/lm_head/kernel")}
+    assert list(parts.values()) == ["llm", "learners", "learners", "projector", "vision", "llm"]
+    cfg = load_config(os.path.join(ROOT, "configs", "finetune.py"))
+    groups = {name: g.pattern for name, g in cfg.optim.groups.items()}
+    assert {path: next(n for n, pattern in groups.items() if re.search(pattern, path))
+            for path in parts if parts[path] != "vision"} == {p: c for p, c in parts.items() if c != "vision"}

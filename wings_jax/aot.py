@@ -35,14 +35,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from wings_jax import sharding
 from wings_jax.flops import PEAK_FLOPS, mfu, peak_flops_per_device
 from wings_jax.hlo_loops import loop_scale
-from wings_jax.params import flatten_dict
+from wings_jax.params import LLM, PROJECTOR, VISION, VISUAL_LEARNER, flatten_dict
 from wings_jax.training.plan import plan
 
 GIB = 1024**3
 # Parameters whose layout the report shows (those the model has).
 REPRESENTATIVE_PARAMS = (
-    "llm/embed/embedding", "llm/layers/attn/q/kernel", "llm/layers/mlp/down/kernel", "llm/lm_head/kernel",
-    "llm/layers/side/visual/q_a", "projector/fc1/kernel", "vision/layers/mlp/fc1/kernel",
+    f"{LLM}embed/embedding", f"{LLM}layers/attn/q/kernel", f"{LLM}layers/mlp/down/kernel", f"{LLM}lm_head/kernel",
+    f"{VISUAL_LEARNER}q_a", f"{PROJECTOR}fc1/kernel", f"{VISION}layers/mlp/fc1/kernel",
 )
 
 

@@ -4,12 +4,38 @@ A path is the '/'-joined attribute path of a parameter, e.g. ``llm/layers/attn/q
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# Path prefixes of WingsModel's parts, the parameter groups recipes train and converters map.
+LLM = "llm/"
+LEARNERS = LLM + "layers/side/"  # every layer's Wings side branch: the visual and textual learners and router
+VISUAL_LEARNER = LEARNERS + "visual/"
+ROUTER = LEARNERS + "router/"
+PROJECTOR = "projector/"
+VISION = "vision/"
+
+
+def prefix_pattern(prefix: str) -> str:
+    """The ``optim.groups`` pattern (a regex searched in each path) of the parameters under ``prefix``."""
+    return "^" + re.escape(prefix)
+
+
+LLM_WITHOUT_LEARNERS = prefix_pattern(LLM) + f"(?!{re.escape(LEARNERS[len(LLM):])})"
+
+
+def component(path: str) -> str:
+    """The part of the model a parameter belongs to: 'learners', 'projector', 'vision' or 'llm'
+    (the names of :data:`wings_jax.flops.COMPONENTS`)."""
+    for prefix, name in ((LEARNERS, "learners"), (PROJECTOR, "projector"), (VISION, "vision")):
+        if path.startswith(prefix):
+            return name
+    return "llm"
 
 
 def path_str(path: tuple) -> str:

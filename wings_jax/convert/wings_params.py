@@ -27,39 +27,41 @@ from wings_jax.convert.siglip_params import (
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import DTYPES, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
-from wings_jax.params import abstract_model, flat_values, materialize, param_shapes
+from wings_jax.params import (
+    LEARNERS, LLM, PROJECTOR, ROUTER, VISION, abstract_model, flat_values, materialize, param_shapes,
+)
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 DEFAULT_VISION_TOWER = "google/siglip-so400m-patch14-384"
-LEARNERS = (("attn_pool", "visual"), ("attn_t_pool", "textual"))
+LEARNER_NAMES = (("attn_pool", "visual"), ("attn_t_pool", "textual"))  # (released, ours)
 TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def learner_rules(cfg: WingsModelConfig, include_router: bool) -> list[TensorRule]:
     layers = tuple(i for i, on in enumerate(cfg.wings.layer_flags(cfg.llm.num_layers)) if on)
     rules = []
-    for theirs, ours in LEARNERS:
+    for theirs, ours in LEARNER_NAMES:
         for proj in "qkvo":
             # nn.Sequential(Linear(H, r), Linear(r, H)): weights A^T (r x H) and B^T (H x r)
             for index, matrix in (("0", "a"), ("1", "b")):
                 rules.append(TensorRule(
-                    f"model.layers.{{i}}.{theirs}.{proj}_proj.{index}.weight", f"llm/layers/side/{ours}/{proj}_{matrix}",
+                    f"model.layers.{{i}}.{theirs}.{proj}_proj.{index}.weight", f"{LEARNERS}{ours}/{proj}_{matrix}",
                     LINEAR, layers=layers,
                 ))
     if include_router:
-        rules.append(TensorRule("model.layers.{i}.reweight_module.linear.weight", "llm/layers/side/router/weight",
+        rules.append(TensorRule("model.layers.{i}.reweight_module.linear.weight", ROUTER + "weight",
                                 LINEAR, layers=layers))
-        rules.append(TensorRule("model.layers.{i}.reweight_module.linear.bias", "llm/layers/side/router/bias",
+        rules.append(TensorRule("model.layers.{i}.reweight_module.linear.bias", ROUTER + "bias",
                                 BIAS, layers=layers))
     return rules
 
 
 def wings_rules(cfg: WingsModelConfig, include_router: bool, post_layernorm: bool = True) -> list[TensorRule]:
     return (
-        qwen_rules(cfg.llm, "llm/")
+        qwen_rules(cfg.llm, LLM)
         + learner_rules(cfg, include_router)
-        + projector_rules(cfg.projector, "projector/", "model.")
-        + siglip_rules(cfg.vision, "vision/", VISION_PREFIX, post_layernorm=post_layernorm)
+        + projector_rules(cfg.projector, PROJECTOR, "model.")
+        + siglip_rules(cfg.vision, VISION, VISION_PREFIX, post_layernorm=post_layernorm)
     )
 
 
@@ -181,10 +183,10 @@ def import_wings(src: str, runtime: Runtime = Runtime(), mixing: str = "referenc
 def build_from_hf(llm_dir: str, vision_dir: str | None, wings: WingsConfig, runtime: Runtime = Runtime(),
                   projector: str = "mlp2x_gelu", select_layer: int = -2, seed: int = 0) -> tuple[WingsModel, dict]:
     """A fresh Wings model: Qwen2 (and SigLIP) weights from HF directories, learners/projector initialised."""
-    llm_cfg, values = load_qwen_values(llm_dir, prefix="llm/")
+    llm_cfg, values = load_qwen_values(llm_dir, prefix=LLM)
     vision_cfg = None
     if vision_dir is not None:
-        vision_cfg, vision_values = load_siglip_values(vision_dir, select_layer=select_layer, prefix="vision/")
+        vision_cfg, vision_values = load_siglip_values(vision_dir, select_layer=select_layer, prefix=VISION)
         values.update(vision_values)
     cfg = WingsModelConfig(llm=llm_cfg, vision=vision_cfg, wings=wings, projector=projector)
 
@@ -237,7 +239,7 @@ def export_wings(model: WingsModel, out: str, dtype: str, metadata: Mapping[str,
 
 def export_hf_llm(model: WingsModel, out: str, dtype: str) -> list[str]:
     """Writes the language model alone as a standard transformers Qwen2 directory."""
-    tensors = export_tensors(_host_params(model), qwen_rules(model.cfg.llm, "llm/"), dtype=np.dtype(DTYPES[dtype]))
+    tensors = export_tensors(_host_params(model), qwen_rules(model.cfg.llm, LLM), dtype=np.dtype(DTYPES[dtype]))
     names = write_safetensors(out, tensors)
     _write_json(out, qwen_config_to_hf(model.cfg.llm, dtype))
     return names

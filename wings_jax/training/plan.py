@@ -16,7 +16,7 @@ from wings_jax import checkpoint, sharding
 from wings_jax.data.assemble import batch_spec
 from wings_jax.flops import count_flops
 from wings_jax.model.wings import WingsModel, WingsModelConfig
-from wings_jax.params import abstract_model, flat_variables, flatten_dict, unflatten_dict
+from wings_jax.params import abstract_model, component, flat_variables, flatten_dict, unflatten_dict
 from wings_jax.training import run_config
 from wings_jax.training.optimizer import assign_groups, make_optimizer, trainable_filter
 from wings_jax.training.step import make_train_step
@@ -94,8 +94,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
         out_shardings=(trainable_sh, opt_sh, replicated),
         donate_argnums=(0, 2),
     )
-    components = {"llm" if not p.startswith(("projector/", "llm/layers/side/")) else
-                  ("projector" if p.startswith("projector/") else "learners") for p in owner}
+    components = {component(p) for p in owner}
     flops = count_flops(model_cfg, batch=b, seq_len=d.max_len, images_per_row=d.max_images,
                         trainable=components).training_total
     return Plan(cfg, model_cfg, mesh, make_model, owner, tx, abstract_trainable, abstract_frozen,

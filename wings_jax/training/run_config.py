@@ -15,17 +15,17 @@ from wings_jax import checkpoint
 from wings_jax.data.pipeline import default_data_config
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModelConfig
+from wings_jax.params import LEARNERS, LLM_WITHOUT_LEARNERS, PROJECTOR, VISUAL_LEARNER, prefix_pattern
 
 # Parameter groups of the original recipes (spec section 6). Patterns must be disjoint.
-LEARNERS = r"^llm/layers/side/"
 PRETRAIN_GROUPS = {
-    "projector": {"pattern": r"^projector/", "lr": 2e-5},
-    "visual": {"pattern": r"^llm/layers/side/visual/", "lr": 2e-5},
+    "projector": {"pattern": prefix_pattern(PROJECTOR), "lr": 2e-5},
+    "visual": {"pattern": prefix_pattern(VISUAL_LEARNER), "lr": 2e-5},
 }
 FINETUNE_GROUPS = {
-    "llm": {"pattern": r"^llm/(?!layers/side/)", "lr": 2e-6},
-    "learners": {"pattern": LEARNERS, "lr": 2e-6},
-    "projector": {"pattern": r"^projector/", "lr": 1e-5},
+    "llm": {"pattern": LLM_WITHOUT_LEARNERS, "lr": 2e-6},
+    "learners": {"pattern": prefix_pattern(LEARNERS), "lr": 2e-6},
+    "projector": {"pattern": prefix_pattern(PROJECTOR), "lr": 1e-5},
 }
 
 
@@ -110,7 +110,8 @@ def optim_settings(cfg: ml_collections.ConfigDict, model: WingsModelConfig) -> d
     (so any recipe trains a LLaVA-style model: stage 1 the projector, stage 2 the LLM and projector)."""
     optim = cfg.optim.to_dict()
     if not model.wings.enabled:
-        optim["groups"] = {n: g for n, g in optim["groups"].items() if not g["pattern"].startswith(LEARNERS)}
+        learners = prefix_pattern(LEARNERS)
+        optim["groups"] = {n: g for n, g in optim["groups"].items() if not g["pattern"].startswith(learners)}
     return optim
 
 
