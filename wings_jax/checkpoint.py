@@ -339,17 +339,13 @@ def load_model(
     path: str,
     runtime: Runtime = Runtime(),
     *,
-    override: Callable[[WingsModelConfig], WingsModelConfig] | None = None,
     shardings_fn: Callable[[nnx.State], Any] | None = None,
 ) -> tuple[WingsModel, dict[str, Any]]:
     """Loads a converted checkpoint or the newest step of a training workdir.
 
-    ``override`` may adjust the stored model config (e.g. the stage or mixing); ``shardings_fn``
-    maps the abstract parameter state to shardings (default: the first device).
+    ``shardings_fn`` maps the abstract parameter state to shardings (default: the first device).
     """
     cfg, metadata = read_config(path)
-    if override is not None:
-        cfg = override(cfg)
 
     def make(rngs):
         return WingsModel(cfg, runtime, rngs=rngs)

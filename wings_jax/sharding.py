@@ -134,14 +134,13 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, check: bool = True) -> dict:
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
     """NamedShardings for every variable of an ``nnx.State``, as a pure nested dict (the shape of
     ``state.to_pure_dict()``); raises if a dimension does not divide its mesh axes."""
     out = {}
     for name, variable in flat_variables(state).items():
         spec = spec_for(logical_axes_of(variable), rules)
-        if check:
-            check_divisible(np.shape(variable.get_value()), spec, mesh, f"parameter {name}")
+        check_divisible(np.shape(variable.get_value()), spec, mesh, f"parameter {name}")
         out[name] = NamedSharding(mesh, spec)
     return unflatten_dict(out)
 

@@ -146,16 +146,15 @@ def export_tensors(
     rules: Sequence[TensorRule],
     *,
     dtype=None,
-    hf_prefix: str = "",
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(hf_name, array)`` for every rule; ``dtype`` casts (None keeps our dtype)."""
     for rule in rules:
         value = np.asarray(params[rule.path])
         if rule.stacked:
             layers = rule.layers if rule.layers is not None else range(value.shape[0])
-            items = [(hf_prefix + rule.hf.format(i=i), value[i]) for i in layers]
+            items = [(rule.hf.format(i=i), value[i]) for i in layers]
         else:
-            items = [(hf_prefix + rule.hf, value)]
+            items = [(rule.hf, value)]
         for name, v in items:
             v = _to_hf(rule.kind, v, rule.num_in)
             yield name, (v.astype(dtype) if dtype is not None else v)

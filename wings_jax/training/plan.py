@@ -28,7 +28,6 @@ class Plan:
 
     cfg: ml_collections.ConfigDict
     model_cfg: WingsModelConfig
-    mesh: jax.sharding.Mesh
     make_model: Any
     owner: dict[str, str]
     tx: Any
@@ -97,7 +96,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     components = {component(p) for p in owner}
     flops = count_flops(model_cfg, batch=b, seq_len=d.max_len, images_per_row=d.max_images,
                         trainable=components).training_total
-    return Plan(cfg, model_cfg, mesh, make_model, owner, tx, abstract_trainable, abstract_frozen,
+    return Plan(cfg, model_cfg, make_model, owner, tx, abstract_trainable, abstract_frozen,
                 abstract_opt, batch_shapes, step_fn, flops)
 
 
