@@ -1,10 +1,14 @@
 """Run configs through ml_collections.config_flags: typed overrides, placeholders for None defaults, the
 config argument, and one-line errors naming the key or file at fault."""
+import dataclasses
 import os
 
+import ml_collections
 import pytest
 
+from wings_jax.checkpoint import write_config
 from wings_jax.config import ConfigError, load_config, parse_command_line
+from wings_jax.training import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -56,3 +60,32 @@ def test_a_config_file_that_fails_names_itself(tmp_path):
     with pytest.raises(ConfigError, match=r"broken.py.*no such recipe") as info:
         load_config(str(broken))
     assert "\n" not in str(info.value)
+
+
+def _init_from(tmp_path) -> str:
+    """A directory that init_from can read the architecture of (only its wings_config.json is needed to plan)."""
+    demo = run_config.model_config(load_config(DEMO))
+    write_config(str(tmp_path / "ckpt"), dataclasses.replace(demo, wings=dataclasses.replace(demo.wings, lora_rank=4)))
+    return str(tmp_path / "ckpt")
+
+
+def _from_checkpoint(init_from: str, *overrides: str):
+    cfg = load_config(FINETUNE, [f"init_from={init_from}", *overrides])
+    cfg.unlock()
+    cfg.model.llm, cfg.model.vision = ml_collections.ConfigDict(), ml_collections.ConfigDict()
+    return cfg
+
+
+def test_architecture_settings_init_from_would_ignore_are_refused_by_name(tmp_path):
+    ckpt = _init_from(tmp_path)
+    assert run_config.model_config(_from_checkpoint(ckpt, "model.wings.stage=pretrain")).wings.lora_rank == 4
+    cfg = _from_checkpoint(ckpt, "model.wings.lora_rank=16", "model.projector=linear")
+    cfg.model.vision = ml_collections.ConfigDict({"image_size": 64})
+    with pytest.raises(ConfigError) as e:
+        run_config.model_config(cfg)
+    message = str(e.value)
+    assert "\n" not in message and "init_from" in message
+    for key in ("model.vision.image_size=64", "model.projector='linear'", "model.wings.lora_rank=16"):
+        assert key in message, message
+    # a setting equal to the checkpoint's changes nothing and is accepted
+    assert run_config.model_config(_from_checkpoint(ckpt, "model.wings.lora_rank=4")).wings.lora_rank == 4

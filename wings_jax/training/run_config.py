@@ -81,8 +81,9 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
 
     ``model.llm`` / ``model.vision`` describe the architecture (needed to plan or compile a run
     without its weights at hand); ``init_from`` supplies weights and must agree with them. Without
-    ``model.llm`` the architecture comes from ``init_from``. ``model.wings`` settings that do not
-    change parameter shapes (stage, mixing, causal_images) apply on top of ``init_from``'s config.
+    ``model.llm`` the architecture comes from ``init_from`` (a shape setting that would be ignored is
+    refused). ``model.wings`` settings that do not change parameter shapes (stage, mixing,
+    causal_images) apply on top of ``init_from``'s config.
     """
     try:
         described = WingsModelConfig.from_dict(cfg.model.to_dict()) if cfg.model.llm else None
@@ -91,6 +92,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
                 raise ConfigError("set init_from (a converted checkpoint or training workdir) or describe model.llm")
             return described
         base, _ = checkpoint.read_config(cfg.init_from)
+        if described is None:
+            _refuse_unapplied(cfg, base)
         behaviour = {k: cfg.model.wings[k] for k in ("stage", "mixing", "causal_images")}
         from_checkpoint = dataclasses.replace(base, wings=dataclasses.replace(base.wings, **behaviour))
         if described is not None and described != from_checkpoint:
@@ -103,6 +106,25 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model config: {e}") from None
+
+
+def _refuse_unapplied(cfg: ml_collections.ConfigDict, base: WingsModelConfig) -> None:
+    """With ``init_from`` and no ``model.llm``, the architecture is the checkpoint's: a shape setting that was
+    changed from its default and differs from the checkpoint's would be ignored, so it is refused by name."""
+    defaults = base_config().model
+    asked = {f"model.vision.{k}": (v, getattr(base.vision, k, None)) for k, v in cfg.model.vision.items()}
+    asked["model.projector"] = (cfg.model.projector, base.projector) if cfg.model.projector != defaults.projector \
+        else (None, None)
+    for key in ("enabled", "lora_rank", "router_max_len", "learner_layers"):
+        value = cfg.model.wings[key]
+        if value != defaults.wings[key]:
+            asked[f"model.wings.{key}"] = (tuple(value) if key == "learner_layers" else value,
+                                           getattr(base.wings, key))
+    ignored = [f"{k}={v!r} (init_from has {has!r})" for k, (v, has) in asked.items() if v != has]
+    if ignored:
+        raise ConfigError(f"with init_from={cfg.init_from} and model.llm empty the architecture is init_from's, so "
+                          f"{', '.join(ignored)} would be ignored; remove them, or describe the whole model "
+                          "(model.llm too)")
 
 
 def optim_settings(cfg: ml_collections.ConfigDict, model: WingsModelConfig) -> dict:
