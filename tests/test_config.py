@@ -65,7 +65,8 @@ def test_a_config_file_that_fails_names_itself(tmp_path):
 def _init_from(tmp_path) -> str:
     """A directory that init_from can read the architecture of (only its wings_config.json is needed to plan)."""
     demo = run_config.model_config(load_config(DEMO))
-    write_config(str(tmp_path / "ckpt"), dataclasses.replace(demo, wings=dataclasses.replace(demo.wings, lora_rank=4)))
+    wings = dataclasses.replace(demo.wings, lora_rank=4, system_prompt_length=5)
+    write_config(str(tmp_path / "ckpt"), dataclasses.replace(demo, wings=wings))
     return str(tmp_path / "ckpt")
 
 
@@ -89,3 +90,17 @@ def test_architecture_settings_init_from_would_ignore_are_refused_by_name(tmp_pa
         assert key in message, message
     # a setting equal to the checkpoint's changes nothing and is accepted
     assert run_config.model_config(_from_checkpoint(ckpt, "model.wings.lora_rank=4")).wings.lora_rank == 4
+
+
+def test_system_prompt_length_is_a_command_line_setting_applied_with_init_from(tmp_path):
+    ckpt = _init_from(tmp_path)
+    assert run_config.model_config(load_config(DEMO)).wings.system_prompt_length == 14  # WingsConfig's default
+    cfg, _, _ = parse_command_line(["--config", DEMO, "--config.model.wings.system_prompt_length=5"])
+    assert run_config.model_config(cfg).wings.system_prompt_length == 5
+    assert run_config.model_config(_from_checkpoint(ckpt)).wings.system_prompt_length == 5  # unset: init_from's
+    assert run_config.model_config(load_config(DEMO, [f"init_from={ckpt}", "model.wings.lora_rank=4"])).wings \
+        .system_prompt_length == 5
+    assert run_config.model_config(_from_checkpoint(ckpt, "model.wings.system_prompt_length=7")).wings \
+        .system_prompt_length == 7
+    described = load_config(DEMO, [f"init_from={ckpt}", "model.wings.lora_rank=4", "model.wings.system_prompt_length=9"])
+    assert run_config.model_config(described).wings.system_prompt_length == 9

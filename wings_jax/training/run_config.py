@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
             "enabled": True,  # False: no learners or routers at all (LLaVA-style); learner groups are dropped
             "stage": "finetune", "lora_rank": 64, "router_max_len": 4096, "learner_layers": config_dict.placeholder(tuple),  # None: every layer
             "causal_images": False, "mixing": "corrected",
+            # reference mixing only: where text features start; None: init_from's (without init_from: 14)
+            "system_prompt_length": config_dict.placeholder(int),
         }),
     })
     c.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime(dtype="bfloat16", remat="full")))
@@ -83,10 +85,13 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
     without its weights at hand); ``init_from`` supplies weights and must agree with them. Without
     ``model.llm`` the architecture comes from ``init_from`` (a shape setting that would be ignored is
     refused). ``model.wings`` settings that do not change parameter shapes (stage, mixing,
-    causal_images) apply on top of ``init_from``'s config.
+    causal_images, system_prompt_length when set) apply on top of ``init_from``'s config.
     """
     try:
-        described = WingsModelConfig.from_dict(cfg.model.to_dict()) if cfg.model.llm else None
+        model = cfg.model.to_dict()
+        if model["wings"]["system_prompt_length"] is None:  # WingsConfig's default, or init_from's below
+            del model["wings"]["system_prompt_length"]
+        described = WingsModelConfig.from_dict(model) if cfg.model.llm else None
         if not cfg.init_from:
             if described is None:
                 raise ConfigError("set init_from (a converted checkpoint or training workdir) or describe model.llm")
@@ -94,9 +99,11 @@ def model_config(cfg: ml_collections.ConfigDict) -> WingsModelConfig:
         base, _ = checkpoint.read_config(cfg.init_from)
         if described is None:
             _refuse_unapplied(cfg, base)
-        behaviour = {k: cfg.model.wings[k] for k in ("stage", "mixing", "causal_images")}
+        behaviour = {k: cfg.model.wings[k] for k in ("stage", "mixing", "causal_images", "system_prompt_length")
+                     if cfg.model.wings[k] is not None}
         from_checkpoint = dataclasses.replace(base, wings=dataclasses.replace(base.wings, **behaviour))
-        if described is not None and described != from_checkpoint:
+        if described is not None and dataclasses.replace(described, wings=dataclasses.replace(
+                described.wings, system_prompt_length=from_checkpoint.wings.system_prompt_length)) != from_checkpoint:
             raise ConfigError(
                 f"the model described by the config differs from init_from {cfg.init_from}:\n"
                 f"  config:     {described}\n  checkpoint: {from_checkpoint}\n"
