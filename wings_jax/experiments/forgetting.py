@@ -43,7 +43,7 @@ from wings_jax.decoding import bucket_length, encode_chat, load_for_inference, p
 from wings_jax.evaluate import read_questions
 from wings_jax.experiments.synthetic import Files, make_data
 from wings_jax.model.wings import WingsModel
-from wings_jax.params import LLM, PROJECTOR, flat_values, materialize, prefix_pattern
+from wings_jax.params import LLM as LLM_PARAMS, PROJECTOR, flat_values, materialize, prefix_pattern
 from wings_jax.sharding import make_mesh
 from wings_jax.training.loop import train
 from wings_jax.training.run_config import FINETUNE_GROUPS, PRETRAIN_GROUPS, base_config
@@ -102,7 +102,8 @@ def _config(files: Files, s: Settings, *, steps: int, groups: dict, sources: lis
 
 def _text_config(files: Files, s: Settings) -> ml_collections.ConfigDict:
     """Phase 1: the language model alone learns the text skills (the model has no Wings branch yet)."""
-    c = _config(files, s, steps=s.text_steps, groups={"llm": {"pattern": prefix_pattern(LLM), "lr": s.text_lr}},
+    groups = {"llm": {"pattern": prefix_pattern(LLM_PARAMS), "lr": s.text_lr}}
+    c = _config(files, s, steps=s.text_steps, groups=groups,
                 sources=[source_config("llava_json", files.text_train)], seed=0)
     c.train.global_batch_size = s.text_batch
     c.model.llm.update(LLM)
