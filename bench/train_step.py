@@ -138,7 +138,8 @@ def main() -> None:
           f"trainable), batch {c.train.global_batch_size} x {seq_len} tokens, {c.runtime.dtype} compute, "
           f"remat {remat}, attention {args.attention}")
     print(f"step time {seconds * 1e3:.1f} ms (median of {len(times)}), {tokens / seconds:,.0f} tokens/s, "
-          f"model FLOPs/step {p.flops_per_step:.3e}, MFU {'n/a (peak unknown)' if utilisation is None else f'{utilisation:.1%}'}, "
+          f"model FLOPs/step {p.flops_per_step:.3e}, "
+          f"MFU {'n/a (peak unknown)' if utilisation is None else f'{utilisation:.1%}'}, "
           f"final loss {float(metrics['loss']):.3f}")
     if utilisation is None:  # no listed peak (CPU): compare with a large matmul timed now, on the same machine
         rate = p.flops_per_step / seconds

@@ -102,5 +102,6 @@ def test_system_prompt_length_is_a_command_line_setting_applied_with_init_from(t
         .system_prompt_length == 5
     assert run_config.model_config(_from_checkpoint(ckpt, "model.wings.system_prompt_length=7")).wings \
         .system_prompt_length == 7
-    described = load_config(DEMO, [f"init_from={ckpt}", "model.wings.lora_rank=4", "model.wings.system_prompt_length=9"])
+    described = load_config(DEMO, [f"init_from={ckpt}", "model.wings.lora_rank=4",
+                                   "model.wings.system_prompt_length=9"])
     assert run_config.model_config(described).wings.system_prompt_length == 9
