@@ -25,10 +25,10 @@ from wings_jax.data import (
     source_config,
 )
 from wings_jax.data.assemble import truncation_point
-from wings_jax.data.pipeline import Encoder
+from wings_jax.data.pipeline import RecordToExample
 from wings_jax.data.prepare import main as prepare_main
 from wings_jax.data.sources import (
-    ArrayRecordSource, JsonlSource, RawRecord, decode_record, open_source, pack_record, unpack_record)
+    ArrayRecordSource, JsonlSource, RawRecord, open_source, pack_record, parse_record, unpack_record)
 
 S = 8  # image size
 T = 4  # slots per image
@@ -197,7 +197,7 @@ def test_row_layout(tmp_path, tok):
     path, root = _write_dataset(tmp_path, 4)
     batches = _take(_iterator(_config(path, root), tok))
     assert len(batches) == 2
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
                       max_images=2)
     source = JsonlSource(path, root)
     for b, batch in enumerate(batches):
@@ -231,7 +231,7 @@ def test_packing(tmp_path, tok):
     max_len, max_images = 160, 3
     cfg = _config(path, root, max_len=max_len, max_images=max_images, packing=True)
     batches = _take(_iterator(cfg, tok, batch=1))
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
                       max_len=max_len, max_images=max_images)
     source = JsonlSource(path, root)
     seen, segments_per_row = [], []
@@ -423,9 +423,9 @@ def test_array_record_prepare_and_read_equal_jsonl(tmp_path, tok, capsys):
         a, b = jsonl[i], packed[i]
         assert b.origin == f"{out}-{i // 6:05d}-of-00002 record {i % 6}"  # the shard file and the record in it
         assert b.unpacked().origin == f"{b.origin} (prepared from {a.origin})"
-        turns_a, images_a = decode_record(a)
+        turns_a, images_a = parse_record(a)
         try:
-            turns_b, images_b = decode_record(b)
+            turns_b, images_b = parse_record(b)
         except BadImageError as e:  # the JSONL record's image file does not exist either
             assert e.kind == "missing_image" and not os.path.exists(images_a[0][1])
             continue
@@ -473,7 +473,7 @@ _GOOD = pack_record("data.jsonl line 1", json.dumps(_record(0, 1)).encode(), [("
 def test_damaged_array_record_blobs_are_bad_records(blob):
     assert unpack_record(_GOOD).images == {"img0_0.png": b"PNG DATA"}
     with pytest.raises(BadRecordError, match="not a readable wings_jax record") as info:
-        decode_record(RawRecord("x.array_record record 0", blob, unpack=unpack_record))
+        parse_record(RawRecord("x.array_record record 0", blob, unpack=unpack_record))
     assert info.value.kind == "corrupt_record"
 
 
@@ -482,9 +482,9 @@ def test_origin_of_a_prepared_record_names_its_source_line(tok):
                     unpack=unpack_record)
     assert raw.unpacked().origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
     with pytest.raises(BadRecordError, match="not valid JSON") as info:
-        decode_record(raw)
+        parse_record(raw)
     assert info.value.kind == "bad_json"
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
                       max_images=2)
     assert encoder(raw).origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
     # Also for what goes wrong after decoding.
@@ -557,7 +557,7 @@ def test_tfds_source(tmp_path, tok):
     assert len(source) == len(records)
     formatter = ChatFormatter(tok, tokens_per_image=T)
     for index in range(len(source)):
-        turns, images = decode_record(source[index])
+        turns, images = parse_record(source[index])
         i = _record_number(tok, formatter.encode(turns, len(images)).tokens)
         assert turns[-1].text == records[i]["conversations"][-1]["value"] and len(images) == i % 3
         for k, (_, pixels) in enumerate(images):
@@ -598,7 +598,7 @@ def test_jsonl_source_lines_and_close(tmp_path):
     source = JsonlSource(str(path))
     assert len(source) == 3
     assert [source[i].origin for i in range(3)] == [f"{path} line {n}" for n in (2, 4, 6)]
-    assert [decode_record(source[i])[0] for i in range(3)] == [decode_record(source[0])[0]] * 3
+    assert [parse_record(source[i])[0] for i in range(3)] == [parse_record(source[0])[0]] * 3
     source.close()
     assert source[2].data == record  # reading again reopens the file
     assert pickle.loads(pickle.dumps(source))[1].data == b"\t" + record + b"\r"

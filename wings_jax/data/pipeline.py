@@ -38,7 +38,7 @@ from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
 from .images import ASPECT_MODES, load_image, to_square_pixels
-from .sources import RawRecord, SOURCE_KINDS, Source, decode_record, open_source
+from .sources import RawRecord, SOURCE_KINDS, Source, open_source, parse_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -101,7 +101,7 @@ class BadRecord:
     message: str
 
 
-class Encoder:
+class RecordToExample:
     """RawRecord -> example dict (see assemble), or BadRecord. Runs in grain worker processes."""
 
     def __init__(self, formatter: ChatFormatter, *, image_size: int, image_aspect: str, max_len: int,
@@ -112,7 +112,7 @@ class Encoder:
     def __call__(self, raw: RawRecord) -> dict[str, np.ndarray] | BadRecord:
         try:
             raw = raw.unpacked()  # a damaged stored record fails here; after it, the origin is the full one
-            turns, images = decode_record(raw)
+            turns, images = parse_record(raw)
             encoded = self.formatter.encode(turns, len(images))
             cut, kept = assemble.truncation_point(len(encoded.tokens), encoded.image_starts,
                                                   self.formatter.tokens_per_image, self.max_len, self.max_images)
@@ -318,7 +318,7 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     ds = HostRows(ds, rows, process_index, process_count)
 
     formatter = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image, system_prompt=cfg["system_prompt"])
-    ds = ds.map(Encoder(formatter, image_size=image_size, image_aspect=cfg["image_aspect"],
+    ds = ds.map(RecordToExample(formatter, image_size=image_size, image_aspect=cfg["image_aspect"],
                         max_len=cfg["max_len"], max_images=cfg["max_images"]))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg["read_threads"],
                                               prefetch_buffer_size=cfg["read_buffer_size"]))

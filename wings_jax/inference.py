@@ -1,8 +1,8 @@
 """Batched generation with a WingsModel: prompts -> padded batch -> prefill -> one extend per new token.
 
-    decoder = Decoder(model)
+    engine = Engine(model)
     prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\\nWhat is it?")], ["cat.jpg"])
-    [result] = decoder.generate([prompt], max_new_tokens=64, stop_ids=stop_token_ids(tokenizer))
+    [result] = engine.generate([prompt], max_new_tokens=64, stop_ids=stop_token_ids(tokenizer))
 
 Prompts of different lengths share one right-padded batch; every row continues at its own length
 (the cache slot of a token is its position). Shapes are fixed for a whole call: the prompt batch is
@@ -219,7 +219,7 @@ class _Steps(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _steps(graphdef: nnx.GraphDef) -> _Steps:
-    """The jitted functions of one architecture: models that share it (every Decoder, every CLI call in a
+    """The jitted functions of one architecture: models that share it (every Engine, every CLI call in a
     process) share the compilations, and no step pays for hashing the graph definition."""
 
     def prefill(state, batch, lengths, key, settings, max_length):
@@ -283,7 +283,7 @@ def continuation_batch(rows: Sequence[tuple[Prompt, int]], batch_size: int
     return batch, (at, targets, valid)
 
 
-class Decoder:
+class Engine:
     """Generation and teacher-forced logits for one model.
 
     With a ``mesh``, the parameters must already be placed on it (replicated or sharded) and every batch is
@@ -411,6 +411,6 @@ def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> lis
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
 
 
-def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+def detokenize(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
