@@ -28,6 +28,7 @@ from flax import nnx
 from wings_jax.convert.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt, encode_prompt
+from wings_jax.data.batch import append_tokens, pad_rows
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
@@ -133,27 +134,11 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 
 def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]:
-    """Right-padded batch (docs/architecture.md) of unpadded prompts; image keys only if some prompt has images."""
-    b = len(prompts)
-    batch = {"tokens": np.zeros((b, length), np.int32), "positions": np.zeros((b, length), np.int32),
-             "segment_ids": np.zeros((b, length), np.int32), "text_mask": np.zeros((b, length), bool)}
-    for row, p in enumerate(prompts):
-        n = len(p.tokens)
-        if n > length:
-            raise ValueError(f"prompt {row} has {n} tokens, more than the batch length {length}")
-        batch["tokens"][row, :n] = p.tokens
-        batch["positions"][row, :n] = p.positions
-        batch["segment_ids"][row, :n] = 1
-        batch["text_mask"][row, :n] = p.text_mask
-    num_images = max(len(p.image_mask) for p in prompts)
-    if num_images:
-        size = next(p.images.shape[1:] for p in prompts if len(p.image_mask))
-        batch["images"] = np.zeros((b, num_images, *size), np.float32)
-        batch["image_mask"] = np.zeros((b, num_images), bool)
-        for row, p in enumerate(prompts):
-            if len(p.image_mask):  # a row without images may hold them in another layout (0, ...)
-                batch["images"][row, :len(p.image_mask)] = p.images
-                batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+    """Right-padded batch (`data.batch`) of unpadded prompts; image keys only if some prompt has images."""
+    num_images = max(len(p.images) for p in prompts)
+    batch = pad_rows([p._asdict() for p in prompts], length, num_images, image_dtype=np.float32)
+    if not num_images:
+        del batch["images"], batch["image_mask"]
     return batch
 
 
@@ -382,15 +367,12 @@ class Engine:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
         if "images" in batch and self.cfg.vision is not None:  # the tower runs once, not at every step
             batch["image_features"] = self.image_features(batch.pop("images"))
-        rows, lengths = np.arange(len(prompts)), lengths.copy()
+        lengths = lengths.copy()
         for step in range(max_new_tokens):
             tokens = np.asarray(self._steps.recompute(self.state, *self._place((batch, lengths)), key, step,
                                                       settings))
             yield tokens
-            batch["tokens"][rows, lengths] = tokens
-            batch["positions"][rows, lengths] = lengths
-            batch["segment_ids"][rows, lengths] = 1
-            batch["text_mask"][rows, lengths] = True  # generated text comes after the system turn
+            append_tokens(batch, lengths, tokens)
             lengths += 1
 
 

@@ -38,7 +38,7 @@ from wings_jax import distributed, sharding
 from wings_jax.config import ConfigError, parse_command_line
 from wings_jax.convert import checkpoint
 from wings_jax.convert.hf_io import copy_tokenizer_files
-from wings_jax.data.assemble import batch_spec
+from wings_jax.data.batch import BatchSpec
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
@@ -122,7 +122,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     b, d = cfg.train.global_batch_size, cfg.data
     image = model_cfg.vision.image_size if model_cfg.vision else 0
     batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
-                    for k, (s, t) in batch_spec(b, d.max_len, d.max_images, image).items()}
+                    for k, (s, t) in BatchSpec(b, d.max_len, d.max_images, image).shapes().items()}
 
     step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
                            loss_chunk=cfg.train.loss_chunk, mesh=mesh, rules=rules)
@@ -178,7 +178,7 @@ def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.Shape
     for key, spec in shapes.items():
         if not np.can_cast(host_batch[key].dtype, spec.dtype, "same_kind"):
             raise TypeError(f"batch[{key!r}] is {host_batch[key].dtype}, the compiled step takes {spec.dtype} "
-                            "(see data.assemble.batch_spec)")
+                            "(see data.batch.FIELDS)")
     return {key: jax.make_array_from_process_local_data(spec.sharding, np.asarray(host_batch[key], spec.dtype),
                                                         spec.shape)
             for key, spec in shapes.items()}

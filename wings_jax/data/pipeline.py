@@ -33,7 +33,7 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-from . import assemble
+from . import assemble, batch
 from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
@@ -330,14 +330,14 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     it = _BadRecordPolicyDataset(it, _BadRecordPolicy(cfg["bad_record_policy"], cfg["max_bad_fraction"],
                                                       cfg["bad_fraction_min_seen"], stats))
     if cfg["packing"]:
-        lengths, padding = assemble.packing_structs(cfg["max_len"], cfg["max_images"])
+        lengths, padding = batch.packing_structs(cfg["max_len"], cfg["max_images"])
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=lengths, padding_struct=padding, num_packing_bins=cfg["packing_bins"] or rows,
             shuffle_bins=False)
-        it = it.map(assemble.row_from_packed)
+        it = it.map(batch.row_from_packed)
     else:
         max_len, max_images = cfg["max_len"], cfg["max_images"]
-        it = it.map(lambda example: assemble.pad_row(example, max_len, max_images))
+        it = it.map(lambda example: batch.pad_row(example, max_len, max_images))
     it = it.batch(rows, drop_remainder=True)
 
     return DataIterator(it, stats, _fingerprint(cfg, image_size, tokens_per_image, global_batch_size,
