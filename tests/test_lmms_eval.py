@@ -18,7 +18,7 @@ from lmms_eval_tasks.utils import doc_to_visual  # noqa: E402
 from test_generate import save_vision_checkpoint  # noqa: E402
 from wings_jax.data.conversation import Turn  # noqa: E402
 from wings_jax.inference import (Engine, Sampling, detokenize, encode_chat, load_for_inference,  # noqa: E402
-                                with_image_placeholders)
+                                 with_image_placeholders)
 from wings_jax.evaluate import Question, score_options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
+from wings_jax.data.checks import check_length
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
-from wings_jax.inference import (Engine, GenerationError, check_length, encode_chat, load_for_inference,
-                                with_continuation, with_image_placeholders)
+from wings_jax.inference import (Engine, GenerationError, encode_chat, load_for_inference, with_continuation,
+                                 with_image_placeholders)
 from wings_jax.model.wings import WingsModel
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def _rows(decoder: Engine, tokenizer: PreTrainedTokenizerBase, questions: Sequen
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
             try:
-                check_length(decoder.cfg, n, "the question with this option", "shorten the record")
+                check_length(decoder.cfg, n, "the question with this option", "shorten the record", GenerationError)
             except GenerationError as e:
                 raise _bad_record(q, e) from None
             yield with_continuation(prompt, ids), len(ids)

@@ -26,9 +26,10 @@ from etils import epath
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.conversation import Turn
+from wings_jax.data.checks import position_limit
 from wings_jax.data.errors import DataError
 from wings_jax.inference import (Engine, GenerationError, Sampling, detokenize, encode_chat, load_for_inference,
-                                position_limit, stop_token_ids, with_image_placeholders)
+                                 stop_token_ids, with_image_placeholders)
 
 EXIT_COMMAND, IMAGE_COMMAND = "/exit", "/image "
 DEFAULT_MAX_NEW_TOKENS = 256

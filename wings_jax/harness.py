@@ -17,10 +17,10 @@ import numpy as np
 from wings_jax.config import ConfigError
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
+from wings_jax.data.checks import position_limit
 from wings_jax.data.constants import IM_END, IM_START
 from wings_jax.data.errors import DataError
-from wings_jax.inference import (Engine, GenerationError, Sampling, detokenize, load_for_inference,
-                                position_limit)
+from wings_jax.inference import Engine, GenerationError, Sampling, detokenize, load_for_inference
 from wings_jax.sharding import make_mesh
 
 logger = logging.getLogger("wings_jax.harness")

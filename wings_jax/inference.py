@@ -29,6 +29,7 @@ from wings_jax.convert.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt, encode_prompt
 from wings_jax.data.batch import append_tokens, pad_rows
+from wings_jax.data.checks import check_length
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
@@ -140,20 +141,6 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
     if not num_images:
         del batch["images"], batch["image_mask"]
     return batch
-
-
-def position_limit(cfg: WingsModelConfig) -> int | None:
-    """The longest sequence the model can run: the router has one weight row per position (stage
-    'pretrain' has no router, hence no limit: None)."""
-    return cfg.wings.router_max_len if cfg.wings.uses_router else None
-
-
-def check_length(cfg: WingsModelConfig, length: int, what: str, remedy: str) -> None:
-    """Refuses sequences longer than :func:`position_limit`."""
-    limit = position_limit(cfg)
-    if limit is not None and length > limit:
-        raise GenerationError(f"{what} needs {length} positions, but the model's router weighs at most "
-                              f"{limit} (wings.router_max_len); {remedy}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +281,7 @@ class Engine:
     def logits(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
         """float32 logits (n, vocab) of each prompt's teacher-forced forward (one padded batch)."""
         lengths = [len(p.tokens) for p in prompts]
-        check_length(self.cfg, max(lengths), "the prompt", "shorten it")
+        check_length(self.cfg, max(lengths), "the prompt", "shorten it", GenerationError)
         out = np.asarray(self._steps.forward(self.state, self._place(pad_prompts(prompts, bucket_length(max(lengths))))))
         return [row[:n] for row, n in zip(out, lengths)]
 
@@ -337,7 +324,7 @@ class Engine:
         if lengths.min() < 1:
             raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
         check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens",
-                     "shorten the prompt or ask for fewer new tokens")
+                     "shorten the prompt or ask for fewer new tokens", GenerationError)
         if recompute is None:
             recompute = self.must_recompute
         elif not recompute and self.must_recompute:

@@ -34,6 +34,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from . import assemble, batch
+from .checks import check_batch_split, check_image_slots
 from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
@@ -392,17 +393,10 @@ def _checked(data_cfg: Mapping[str, Any], tokens_per_image: int, global_batch_si
         raise ValueError(f"data.bad_record_policy {cfg['bad_record_policy']!r} is not one of {BAD_RECORD_POLICIES}")
     if cfg["image_aspect"] not in ASPECT_MODES:
         raise ValueError(f"data.image_aspect {cfg['image_aspect']!r} is not one of {ASPECT_MODES}")
-    if tokens_per_image == 0 and cfg["max_images"] > 0:
-        raise ValueError(f"the model has no vision tower (tokens_per_image=0), so data.max_images must be 0 "
-                         f"(is {cfg['max_images']})")
-    if cfg["max_images"] > 0 and cfg["max_len"] < tokens_per_image + 1:
-        raise ValueError(f"data.max_len={cfg['max_len']} cannot hold one image ({tokens_per_image} slots) and any "
-                         "text; raise it or set data.max_images=0")
+    check_image_slots(cfg["max_images"], cfg["max_len"], tokens_per_image)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} / process_count {process_count} are inconsistent")
-    if global_batch_size % process_count or global_batch_size < process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of process_count "
-                         f"{process_count}")
+    check_batch_split(global_batch_size, process_count)
     if cfg["num_epochs"] is not None and cfg["num_epochs"] < 1:
         raise ValueError(f"data.num_epochs must be None (forever) or at least 1, got {cfg['num_epochs']}")
     return cfg
