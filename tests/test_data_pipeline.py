@@ -26,7 +26,7 @@ from wings_jax.data import (
 )
 from wings_jax.data.assemble import truncation_point
 from wings_jax.data.batch import FIELDS, BatchSpec, pad_rows
-from wings_jax.data.pipeline import RecordToExample
+from wings_jax.data.record import RecordToExample
 from wings_jax.data.prepare import main as prepare_main
 from wings_jax.data.sources import (
     ArrayRecordSource, JsonlSource, RawRecord, open_source, pack_record, parse_record, unpack_record)
