@@ -21,7 +21,7 @@ from flax import nnx
 
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
-from wings_jax.decoding import Decoder, bucket_length
+from wings_jax.inference import Engine, bucket_length
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import QwenConfig, Runtime
 from wings_jax.model.siglip import SiglipConfig
@@ -70,7 +70,7 @@ def main() -> None:
     model = WingsModel(CONFIG, Runtime(dtype=args.dtype, param_dtype=args.dtype), rngs=nnx.Rngs(0))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     vision = sum(x.size for x in jax.tree.leaves(nnx.state(model.vision, nnx.Param)))
-    decoder = Decoder(model)
+    decoder = Engine(model)
     rng = np.random.RandomState(0)
     prompt_len = args.text_tokens + CONFIG.tokens_per_image
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {args.dtype}")

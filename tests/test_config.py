@@ -105,3 +105,18 @@ def test_system_prompt_length_is_a_command_line_setting_applied_with_init_from(t
     described = load_config(DEMO, [f"init_from={ckpt}", "model.wings.lora_rank=4",
                                    "model.wings.system_prompt_length=9"])
     assert run_config.model_config(described).wings.system_prompt_length == 9
+
+
+@pytest.mark.parametrize("argv, process_count, message", [
+    (["--config.train.global_batch_size=4"], 3, r"global_batch_size=4 must be a positive multiple of the number of "
+                                                r"processes \(3\)"),
+    (["--config.data.max_len=1000"], 1, r"^data.max_len needs 1000 positions, but the model's router weighs at most "
+                                        r"128 \(wings.router_max_len\)"),
+    (["--config.model.vision={}"], 1, r"^the model has no vision tower \(tokens_per_image=0\), so data.max_images "
+                                      r"must be 0 \(is 1\)"),
+])
+def test_the_run_check_uses_the_checks_the_data_and_inference_share(argv, process_count, message):
+    """The run check reports the data pipeline's and inference's own checks (data.checks) as config errors."""
+    cfg, _, _ = parse_command_line(argv, default=DEMO)
+    with pytest.raises(ConfigError, match=message):
+        run_config.check_run(cfg, run_config.model_config(cfg), 1, process_count)

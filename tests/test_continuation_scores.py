@@ -1,11 +1,11 @@
-"""Decoder.continuation_scores: per-row sums and greedy flags equal the full forward's, whatever fills the
+"""Engine.continuation_scores: per-row sums and greedy flags equal the full forward's, whatever fills the
 rest of the fixed-size batch (rows with or without images)."""
 import jax
 import numpy as np
 
 from test_generate import TOKENS, make_prompt
 from wings_fixtures import tiny_model
-from wings_jax.decoding import Decoder
+from wings_jax.inference import Engine
 
 
 def _expected(decoder, prompt, k):
@@ -18,7 +18,7 @@ def _expected(decoder, prompt, k):
 
 
 def test_partial_batches_with_image_rows_score_each_row_alone():
-    decoder = Decoder(tiny_model())
+    decoder = Engine(tiny_model())
     with_image = decoder.with_image_features(make_prompt(20, num_images=1, seed=1))
     text_only = make_prompt(11, seed=2)
     assert with_image.images.shape[:2] == (1, TOKENS)  # tower outputs, not pixels

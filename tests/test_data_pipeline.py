@@ -25,10 +25,11 @@ from wings_jax.data import (
     source_config,
 )
 from wings_jax.data.assemble import truncation_point
-from wings_jax.data.pipeline import Encoder
+from wings_jax.data.batch import FIELDS, BatchSpec, pad_rows
+from wings_jax.data.record import RecordToExample
 from wings_jax.data.prepare import main as prepare_main
 from wings_jax.data.sources import (
-    ArrayRecordSource, JsonlSource, RawRecord, decode_record, open_source, pack_record, unpack_record)
+    ArrayRecordSource, JsonlSource, RawRecord, open_source, pack_record, parse_record, unpack_record)
 
 S = 8  # image size
 T = 4  # slots per image
@@ -197,16 +198,11 @@ def test_row_layout(tmp_path, tok):
     path, root = _write_dataset(tmp_path, 4)
     batches = _take(_iterator(_config(path, root), tok))
     assert len(batches) == 2
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
-                      max_images=2)
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
+                              max_len=96, max_images=2)
     source = JsonlSource(path, root)
     for b, batch in enumerate(batches):
         assert set(batch) == set(BATCH_KEYS)
-        assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (2, 96)
-        assert batch["labels"].dtype == np.int32 and batch["positions"].dtype == np.int32
-        assert batch["segment_ids"].dtype == np.int32 and batch["text_mask"].dtype == bool
-        assert batch["images"].dtype == np.uint8 and batch["images"].shape == (2, 2, S, S, 3)
-        assert batch["image_mask"].dtype == bool and batch["image_mask"].shape == (2, 2)
         for r in range(2):
             example = encoder(source[2 * b + r])
             n = len(example["tokens"])
@@ -222,6 +218,37 @@ def test_row_layout(tmp_path, tok):
             assert (batch["images"][r, k:] == 0).all()
 
 
+@pytest.mark.parametrize("packing,max_images", [(False, 2), (True, 2), (False, 0)])
+def test_batches_have_the_spec_layout(tmp_path, tok, packing, max_images):
+    """Padded and packed batches, with and without image slots, have exactly BatchSpec's shapes and dtypes."""
+    path, root = _write_dataset(tmp_path, 4, images_of=lambda i: min(i % 2, max_images))
+    image_size = S if max_images else 0
+    it = make_data_iterator(_config(path, root, max_images=max_images, packing=packing), tokenizer=tok,
+                            image_size=image_size, tokens_per_image=T if max_images else 0, global_batch_size=2)
+    expected = BatchSpec(2, 96, max_images, image_size).shapes()
+    for batch in _take(it):
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(t)) for k, (s, t) in
+                                                                     expected.items()}
+
+
+def test_prompt_batches_share_the_padding():
+    """Generation prompts are padded by the same routine: FIELDS' dtypes and padding values; pixels float32."""
+    with_image = {"tokens": np.array([5, 6, 7], np.int32), "text_mask": np.array([0, 1, 1], bool),
+                  "images": np.ones((1, S, S, 3), np.float32)}
+    text_only = {"tokens": np.array([9], np.int32), "positions": np.array([4], np.int32),
+                 "text_mask": np.array([1], bool), "images": np.zeros((0, 1, 1, 3), np.float32)}
+    batch = pad_rows([text_only, with_image], 5, 2, image_dtype=np.float32)
+    assert set(batch) == set(BATCH_KEYS) - {"labels"}
+    for key, array in batch.items():
+        assert array.dtype == (np.float32 if key == "images" else FIELDS[key].dtype)
+    assert batch["positions"].tolist() == [[4, 0, 0, 0, 0], [0, 1, 2, 0, 0]]
+    assert batch["segment_ids"].tolist() == [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch["image_mask"].tolist() == [[False, False], [True, False]]
+    assert batch["images"].shape == (2, 2, S, S, 3) and batch["images"].sum() == S * S * 3
+    with pytest.raises(ValueError, match="does not fit a row of 2 tokens"):
+        pad_rows([with_image], 2, 2)
+
+
 # --------------------------------------------------------------------------------------------------- packing
 
 
@@ -231,8 +258,8 @@ def test_packing(tmp_path, tok):
     max_len, max_images = 160, 3
     cfg = _config(path, root, max_len=max_len, max_images=max_images, packing=True)
     batches = _take(_iterator(cfg, tok, batch=1))
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
-                      max_len=max_len, max_images=max_images)
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
+                              max_len=max_len, max_images=max_images)
     source = JsonlSource(path, root)
     seen, segments_per_row = [], []
     for batch in batches:
@@ -423,9 +450,9 @@ def test_array_record_prepare_and_read_equal_jsonl(tmp_path, tok, capsys):
         a, b = jsonl[i], packed[i]
         assert b.origin == f"{out}-{i // 6:05d}-of-00002 record {i % 6}"  # the shard file and the record in it
         assert b.unpacked().origin == f"{b.origin} (prepared from {a.origin})"
-        turns_a, images_a = decode_record(a)
+        turns_a, images_a = parse_record(a)
         try:
-            turns_b, images_b = decode_record(b)
+            turns_b, images_b = parse_record(b)
         except BadImageError as e:  # the JSONL record's image file does not exist either
             assert e.kind == "missing_image" and not os.path.exists(images_a[0][1])
             continue
@@ -473,7 +500,7 @@ _GOOD = pack_record("data.jsonl line 1", json.dumps(_record(0, 1)).encode(), [("
 def test_damaged_array_record_blobs_are_bad_records(blob):
     assert unpack_record(_GOOD).images == {"img0_0.png": b"PNG DATA"}
     with pytest.raises(BadRecordError, match="not a readable wings_jax record") as info:
-        decode_record(RawRecord("x.array_record record 0", blob, unpack=unpack_record))
+        parse_record(RawRecord("x.array_record record 0", blob, unpack=unpack_record))
     assert info.value.kind == "corrupt_record"
 
 
@@ -482,10 +509,10 @@ def test_origin_of_a_prepared_record_names_its_source_line(tok):
                     unpack=unpack_record)
     assert raw.unpacked().origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
     with pytest.raises(BadRecordError, match="not valid JSON") as info:
-        decode_record(raw)
+        parse_record(raw)
     assert info.value.kind == "bad_json"
-    encoder = Encoder(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad", max_len=96,
-                      max_images=2)
+    encoder = RecordToExample(ChatFormatter(tok, tokens_per_image=T), image_size=S, image_aspect="pad",
+                              max_len=96, max_images=2)
     assert encoder(raw).origin == "x.array_record record 0 (prepared from data.jsonl line 7)"
     # Also for what goes wrong after decoding.
     no_answer = json.dumps({"conversations": [{"from": "human", "value": "q"}]}).encode()
@@ -557,7 +584,7 @@ def test_tfds_source(tmp_path, tok):
     assert len(source) == len(records)
     formatter = ChatFormatter(tok, tokens_per_image=T)
     for index in range(len(source)):
-        turns, images = decode_record(source[index])
+        turns, images = parse_record(source[index])
         i = _record_number(tok, formatter.encode(turns, len(images)).tokens)
         assert turns[-1].text == records[i]["conversations"][-1]["value"] and len(images) == i % 3
         for k, (_, pixels) in enumerate(images):
@@ -598,7 +625,7 @@ def test_jsonl_source_lines_and_close(tmp_path):
     source = JsonlSource(str(path))
     assert len(source) == 3
     assert [source[i].origin for i in range(3)] == [f"{path} line {n}" for n in (2, 4, 6)]
-    assert [decode_record(source[i])[0] for i in range(3)] == [decode_record(source[0])[0]] * 3
+    assert [parse_record(source[i])[0] for i in range(3)] == [parse_record(source[0])[0]] * 3
     source.close()
     assert source[2].data == record  # reading again reopens the file
     assert pickle.loads(pickle.dumps(source))[1].data == b"\t" + record + b"\r"

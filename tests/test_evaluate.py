@@ -11,7 +11,7 @@ from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.errors import BadRecordError
 from wings_jax.data.conversation import Turn
-from wings_jax.decoding import Decoder, encode_chat, load_for_inference
+from wings_jax.inference import Engine, encode_chat, load_for_inference
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.evaluate import read_questions, score_options
 
@@ -87,7 +87,7 @@ def test_scores_and_accuracy(setup, capsys):
                                           text_mask=text_mask))
         spans.append(range(n, len(ids)))
     expected = []
-    for logits, span, row in zip(Decoder(model).logits(rows), spans, rows):
+    for logits, span, row in zip(Engine(model).logits(rows), spans, rows):
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         expected.append(sum(logp[t - 1, row.tokens[t]] for t in span))

@@ -20,7 +20,7 @@ from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
-from wings_jax.decoding import Decoder, GenerationError, Sampling, sample_tokens
+from wings_jax.inference import Engine, GenerationError, Sampling, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Runtime
@@ -73,7 +73,7 @@ def strong_model(stage="finetune", **wings):
 
 @pytest.mark.parametrize("stage", ["finetune", "pretrain"])
 def test_cached_greedy_equals_recomputation(stage):
-    decoder = Decoder(strong_model(stage))
+    decoder = Engine(strong_model(stage))
     cached = decoder.generate(PROMPTS, NEW)
     recomputed = decoder.generate(PROMPTS, NEW, recompute=True)
     assert [g.token_ids for g in cached] == [g.token_ids for g in recomputed]
@@ -83,7 +83,7 @@ def test_cached_greedy_equals_recomputation(stage):
 
 
 def test_batched_equals_one_by_one():
-    decoder = Decoder(strong_model())
+    decoder = Engine(strong_model())
     batched = decoder.generate(PROMPTS, NEW)
     for prompt, together in zip(PROMPTS[:4], batched):
         assert decoder.generate([prompt], NEW) == [together]
@@ -91,15 +91,15 @@ def test_batched_equals_one_by_one():
 
 def test_learners_change_what_is_generated():
     """The comparisons above would be vacuous if the learners added nothing."""
-    active = Decoder(strong_model()).generate(PROMPTS, NEW)
-    silent = Decoder(tiny_model(seed=3, randomize_b=False)).generate(PROMPTS, NEW)
+    active = Engine(strong_model()).generate(PROMPTS, NEW)
+    silent = Engine(tiny_model(seed=3, randomize_b=False)).generate(PROMPTS, NEW)
     changed = [a != s for a, s in zip(active, silent)]
     assert changed[1] and changed[3]  # image rows: the visual learner (with the router's mix)
     assert changed[0] or changed[2]  # text-only rows: the textual learner
 
 
 def test_stop_tokens_end_each_row_separately():
-    decoder = Decoder(strong_model())
+    decoder = Engine(strong_model())
     free = decoder.generate(PROMPTS, NEW)
     stop = free[0].token_ids[3]
     stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
@@ -112,7 +112,7 @@ def test_stop_tokens_end_each_row_separately():
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
-    decoder = Decoder(strong_model())
+    decoder = Engine(strong_model())
     warm = Sampling(temperature=2.0)
     first = decoder.generate(PROMPTS, NEW, warm, seed=7)
     assert first == decoder.generate(PROMPTS, NEW, warm, seed=7)
@@ -138,7 +138,7 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
 
 
 def test_router_limit_and_bad_settings_are_refused():
-    decoder = Decoder(tiny_model(seed=3))  # router_max_len 128
+    decoder = Engine(tiny_model(seed=3))  # router_max_len 128
     with pytest.raises(GenerationError, match="router_max_len"):
         decoder.generate([make_prompt(100)], 40)
     for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
@@ -148,7 +148,7 @@ def test_router_limit_and_bad_settings_are_refused():
 
 def test_reference_mixing_decodes_by_recomputation():
     """The released textual learner sees later text, so each token comes from the sequence so far only."""
-    decoder = Decoder(strong_model(mixing="reference"))
+    decoder = Engine(strong_model(mixing="reference"))
     prompts = [make_prompt(13, 1, seed=5), make_prompt(10, seed=6)]  # 17 and 10 tokens: one bucket throughout
     result = decoder.generate(prompts, 4)
     for k in range(4):

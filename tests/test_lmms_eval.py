@@ -17,8 +17,8 @@ pytest.importorskip("lmms_eval.evaluator")
 from lmms_eval_tasks.utils import doc_to_visual  # noqa: E402
 from test_generate import save_vision_checkpoint  # noqa: E402
 from wings_jax.data.conversation import Turn  # noqa: E402
-from wings_jax.decoding import (Decoder, Sampling, decode_text, encode_chat, load_for_inference,  # noqa: E402
-                                with_image_placeholders)
+from wings_jax.inference import (Engine, Sampling, detokenize, encode_chat, load_for_inference,  # noqa: E402
+                                 with_image_placeholders)
 from wings_jax.evaluate import Question, score_options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +49,8 @@ def test_generations_equal_the_decoders(ckpt, tmp_path):
     prompts = [encode_chat(model.cfg, tokenizer, [Turn("user", with_image_placeholders(d["question"], 1))],
                            doc_to_visual(d)) for d in _docs()]
     eot = tokenizer.eos_token_id
-    results = Decoder(model).generate(prompts, 6, Sampling(), stop_ids=(eot,))
-    expected = {i: decode_text(tokenizer, r.token_ids).split("\n\n")[0] for i, r in enumerate(results)}
+    results = Engine(model).generate(prompts, 6, Sampling(), stop_ids=(eot,))
+    expected = {i: detokenize(tokenizer, r.token_ids).split("\n\n")[0] for i, r in enumerate(results)}
     assert got == expected
 
 

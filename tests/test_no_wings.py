@@ -14,7 +14,7 @@ from wings_jax.checkpoint import load_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.demo import ensure_demo_dataset
-from wings_jax.decoding import Decoder
+from wings_jax.inference import Engine
 from wings_jax.flops import count_flops
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Qwen2, Runtime
@@ -63,7 +63,7 @@ def test_cached_generation_equals_recomputation():
     prompt = Prompt(tokens, np.arange(len(tokens), dtype=np.int32), tokens != IMAGE_TOKEN_ID,
                     rng.uniform(-1, 1, (1, TINY_VISION.image_size, TINY_VISION.image_size, 3)).astype(np.float32),
                     np.ones(1, bool))
-    decoder = Decoder(model)
+    decoder = Engine(model)
     cached = decoder.generate([prompt], 6, recompute=False)
     assert cached == decoder.generate([prompt], 6, recompute=True)
 

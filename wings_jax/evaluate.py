@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
+from wings_jax.data.checks import check_length
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import BadRecordError, DataError
-from wings_jax.decoding import (Decoder, GenerationError, check_length, encode_chat, load_for_inference,
-                                with_continuation, with_image_placeholders)
+from wings_jax.inference import (Engine, GenerationError, encode_chat, load_for_inference, with_continuation,
+                                 with_image_placeholders)
 from wings_jax.model.wings import WingsModel
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def _bad_record(q: Question, e: Exception) -> BadRecordError:
     return BadRecordError(f"{q.where}: {e}", kind=getattr(e, "kind", BadRecordError.kind))
 
 
-def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
+def _rows(decoder: Engine, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
           ) -> Iterator[tuple[Prompt, int]]:
     """(prompt + option tokens, number of option tokens) per option, question by question. The prompt's
     ``images`` hold the tower outputs (1, T, D_vision) of the question's image, computed once for its options."""
@@ -152,7 +153,7 @@ def _rows(decoder: Decoder, tokenizer: PreTrainedTokenizerBase, questions: Seque
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
             try:
-                check_length(decoder.cfg, n, "the question with this option", "shorten the record")
+                check_length(decoder.cfg, n, "the question with this option", "shorten the record", GenerationError)
             except GenerationError as e:
                 raise _bad_record(q, e) from None
             yield with_continuation(prompt, ids), len(ids)
@@ -172,7 +173,7 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
     with_image = next((q for q in questions if q.image), None)
     if with_image is not None and model.cfg.vision is None:
         raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
-    decoder = Decoder(model)
+    decoder = Engine(model)
     scores: list[float] = []
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:

@@ -26,9 +26,10 @@ from etils import epath
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.conversation import Turn
+from wings_jax.data.checks import position_limit
 from wings_jax.data.errors import DataError
-from wings_jax.decoding import (Decoder, GenerationError, Sampling, decode_text, encode_chat, load_for_inference,
-                                position_limit, stop_token_ids, with_image_placeholders)
+from wings_jax.inference import (Engine, GenerationError, Sampling, detokenize, encode_chat, load_for_inference,
+                                 stop_token_ids, with_image_placeholders)
 
 EXIT_COMMAND, IMAGE_COMMAND = "/exit", "/image "
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -63,7 +64,7 @@ class Chat:
         self.args = args
         self.sampling = Sampling(args.temperature, args.top_k, args.top_p)  # refuse bad settings before loading
         self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
-        self.decoder = Decoder(self.model)
+        self.decoder = Engine(self.model)
         self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
         self.turns: list[Turn] = []
         self.images: list[str] = []
@@ -97,7 +98,7 @@ class Chat:
                              system_prompt=self.args.system)
         [result] = self.decoder.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
                                          self.stop_ids, seed=self.args.seed)
-        text = decode_text(self.tokenizer, result.token_ids)
+        text = detokenize(self.tokenizer, result.token_ids)
         self.turns += [user, Turn("assistant", text)]
         self.images += images
         if self.args.save_logits:

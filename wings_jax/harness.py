@@ -17,10 +17,10 @@ import numpy as np
 from wings_jax.config import ConfigError
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
+from wings_jax.data.checks import position_limit
 from wings_jax.data.constants import IM_END, IM_START
 from wings_jax.data.errors import DataError
-from wings_jax.decoding import (Decoder, GenerationError, Sampling, decode_text, load_for_inference,
-                                position_limit)
+from wings_jax.inference import Engine, GenerationError, Sampling, detokenize, load_for_inference
 from wings_jax.sharding import make_mesh
 
 logger = logging.getLogger("wings_jax.harness")
@@ -59,7 +59,7 @@ class HarnessModel:
         per_step = mesh.devices.size
         self.batch_size = -(-batch_size // per_step) * per_step  # every device gets the same number of rows
         model, self.tokenizer = load_for_inference(ckpt, dtype, mesh)
-        self.decoder = Decoder(model, mesh)
+        self.decoder = Engine(model, mesh)
         self.cfg = cfg = model.cfg
         # a scored row holds max_length + 1 tokens
         router_limit = position_limit(cfg)
@@ -143,7 +143,7 @@ class HarnessModel:
             results = self.decoder.generate(batch + filler, settings.max_new, settings.sampling,
                                             stop_ids=(self.eot_token_id,), seed=self.seed)
             for i, result in zip(chunk, results):
-                text = decode_text(self.tokenizer, result.token_ids)
+                text = detokenize(self.tokenizer, result.token_ids)
                 for stop in settings.until:
                     text = text.split(stop)[0]
                 out[i] = text

@@ -9,7 +9,7 @@ registers the model ``wings_jax`` with lm-eval and hands the command line over t
 ``CKPT`` is a converted checkpoint or a training workdir (its newest step). Requests are raw text as lm-eval
 sends them (ChatML only with ``--apply_chat_template``); a text-only row is the base LLM plus its routed
 textual learner. ``loglikelihood`` and ``loglikelihood_rolling`` run the jitted teacher-forced scorer
-(:meth:`wings_jax.decoding.Decoder.continuation_scores`), ``generate_until`` greedy or sampled KV-cache decoding;
+(:meth:`wings_jax.inference.Engine.continuation_scores`), ``generate_until`` greedy or sampled KV-cache decoding;
 requests are sorted by length and run in batches of ``--batch_size`` rows padded to bucketed lengths, so few
 shapes ever compile, each batch split over this host's devices.
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
-from wings_jax.decoding import GenerationError, encode_chat, with_continuation, with_image_placeholders
+from wings_jax.inference import GenerationError, encode_chat, with_continuation, with_image_placeholders
 from wings_jax.harness import HarnessModel, hand_over, settings_groups
 
 

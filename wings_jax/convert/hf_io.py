@@ -7,7 +7,6 @@ from typing import Iterable, Mapping
 
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, so bf16 safetensors read as numpy arrays)
 import numpy as np
-from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 

@@ -1,49 +1,22 @@
-"""Sequence assembly: truncation, padding, packed rows, the final batch, and single generation prompts.
+"""Sequence assembly: truncation, training examples, and single generation prompts.
 
-An *example* is one conversation ready for batching:
+An *example* is one conversation ready for batching (`batch.pad_row` or packing make it a row):
     {'tokens': int32 (n,), 'labels': int32 (n,), 'text_mask': bool (n,), 'images': uint8 (k, S, S, 3)}
-with n <= max_len and k <= max_images. A *row* has the keys of the batch contract (docs/architecture.md)
-at fixed shapes; stacked rows are the batch the model reads (images stay uint8, normalised on the device).
+with n <= max_len and k <= max_images.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
-from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
+from .batch import no_images
+from .constants import DEFAULT_SYSTEM_PROMPT
 from .conversation import ChatFormatter, EncodedConversation, TurnLike
 from .images import ImageSource, preprocess_image
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-def _slot_size(image_size: int) -> int:
-    """Side of the pixels in an image slot: ``image_size``, or 1 for a model without a tower (image_size 0),
-    whose image arrays are always empty."""
-    return max(image_size, 1)
-
-
-def no_images(image_size: int, dtype: Any) -> np.ndarray:
-    """An empty (0, S, S, 3) image array."""
-    s = _slot_size(image_size)
-    return np.zeros((0, s, s, 3), dtype)
-
-
-def batch_spec(batch_size: int, max_len: int, max_images: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shape and dtype of every key of the batch the model reads (docs/architecture.md)."""
-    image_size = _slot_size(image_size)
-    tokens = (batch_size, max_len)
-    return {
-        "tokens": (tokens, np.int32), "labels": (tokens, np.int32), "positions": (tokens, np.int32),
-        "segment_ids": (tokens, np.int32), "text_mask": (tokens, np.bool_),
-        "images": ((batch_size, max_images, image_size, image_size, 3), np.uint8),
-        "image_mask": ((batch_size, max_images), np.bool_),
-    }
-
-
-BATCH_KEYS = tuple(batch_spec(1, 1, 1, 1))
 
 
 def truncation_point(length: int, image_starts: Sequence[int], tokens_per_image: int, max_len: int,
@@ -71,51 +44,6 @@ def make_example(encoded: EncodedConversation, images: Sequence[np.ndarray], cut
         "labels": encoded.labels[:cut],
         "text_mask": encoded.text_mask[:cut],
         "images": pixels,
-    }
-
-
-def pad_row(example: dict[str, np.ndarray], max_len: int, max_images: int) -> dict[str, np.ndarray]:
-    """One conversation per row: right padding to max_len tokens and max_images images."""
-    n, k = len(example["tokens"]), len(example["images"])
-    tokens = np.zeros(max_len, np.int32)
-    tokens[:n] = example["tokens"]
-    labels = np.full(max_len, IGNORE_ID, np.int32)
-    labels[:n] = example["labels"]
-    positions = np.zeros(max_len, np.int32)
-    positions[:n] = np.arange(n, dtype=np.int32)
-    segment_ids = np.zeros(max_len, np.int32)
-    segment_ids[:n] = 1
-    text_mask = np.zeros(max_len, bool)
-    text_mask[:n] = example["text_mask"]
-    images = np.zeros((max_images, *example["images"].shape[1:]), np.uint8)
-    images[:k] = example["images"]
-    image_mask = np.zeros(max_images, bool)
-    image_mask[:k] = True
-    return {"tokens": tokens, "labels": labels, "positions": positions, "segment_ids": segment_ids,
-            "text_mask": text_mask, "images": images, "image_mask": image_mask}
-
-
-# grain's packing: per-feature target lengths and padding values (unused image slots stay zero).
-def packing_structs(max_len: int, max_images: int) -> tuple[dict[str, int], dict[str, Any]]:
-    lengths = {"tokens": max_len, "labels": max_len, "text_mask": max_len, "images": max_images}
-    padding = {"tokens": 0, "labels": IGNORE_ID, "text_mask": False, "images": 0}
-    return lengths, padding
-
-
-def row_from_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A row from grain's packed output (which adds '<key>_segment_ids' / '<key>_positions' per key).
-
-    The packer appends every feature of an example to the same bin in the same order, so the k-th image
-    of a row is the k-th image run of its tokens.
-    """
-    return {
-        "tokens": packed["tokens"].astype(np.int32, copy=False),
-        "labels": packed["labels"].astype(np.int32, copy=False),
-        "positions": packed["tokens_positions"].astype(np.int32, copy=False),
-        "segment_ids": packed["tokens_segment_ids"].astype(np.int32, copy=False),
-        "text_mask": packed["text_mask"].astype(bool, copy=False),
-        "images": packed["images"],
-        "image_mask": packed["images_segment_ids"] > 0,
     }
 
 

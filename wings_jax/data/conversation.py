@@ -1,13 +1,14 @@
 """ChatML conversation formatting (Qwen), with image placeholders expanded to image slots.
 
-A conversation is a list of `Turn`s (roles 'system', 'user', 'assistant'). `ChatFormatter.encode` renders
+A conversation is a list of `Turn`s (roles 'system', 'user', 'assistant'). `ChatFormatter.render` writes
 
     <|im_start|>system\\n{system}<|im_end|>\\n
     <|im_start|>user\\n{question}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n      (the three lines joined, no line breaks between them)
 
-exactly like Qwen's chat template (`tokenizer.apply_chat_template`), tokenizes it, and replaces the k-th
-`<image>` placeholder by `tokens_per_image` slots of IMAGE_TOKEN_ID for the k-th image.
+exactly like Qwen's chat template (`tokenizer.apply_chat_template`); `ChatFormatter.tokenize` tokenizes it
+and replaces the k-th `<image>` placeholder by `tokens_per_image` slots of IMAGE_TOKEN_ID for the k-th image.
+`ChatFormatter.encode` does both.
 
 Labels are the token ids of every assistant answer, its closing `<|im_end|>` and, when another turn
 follows, the newline after it; -100 elsewhere (role headers, user and system turns, image slots).
@@ -17,7 +18,7 @@ tokenizing the whole text at once (text between two placeholders is tokenized as
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -56,6 +57,14 @@ class EncodedConversation:
 
 
 TurnLike = Union[Turn, Mapping[str, Any]]
+
+
+class ChatText(NamedTuple):
+    """A conversation rendered as ChatML, before tokenization."""
+
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]  # [start, end) characters of each trained answer
+    system_end_char: int  # first character after the system turn (after its closing newline)
 
 
 def as_turns(turns: Sequence[TurnLike]) -> list[Turn]:
@@ -126,6 +135,10 @@ class ChatFormatter:
         ``add_generation_prompt`` it must end with a user turn, and the result ends with the assistant
         header so the model writes the answer next.
         """
+        return self.tokenize(self.render(turns, num_images, add_generation_prompt=add_generation_prompt))
+
+    def render(self, turns: Sequence[TurnLike], num_images: int, *, add_generation_prompt: bool = False) -> ChatText:
+        """The checked conversation as ChatML text (the default system turn first if it has none)."""
         if num_images and not self.tokens_per_image:
             raise BadRecordError(f"the conversation has {num_images} image(s), but the model has no vision tower "
                                  "to read them (tokens_per_image=0)", kind="image_without_tower")
@@ -146,16 +159,20 @@ class ChatFormatter:
                 system_end_char = len(text)
         if add_generation_prompt:
             text += f"{IM_START}assistant\n"
+        return ChatText(text, tuple(spans), system_end_char)
 
-        tokens, char_starts, image_starts = self._tokenize(text)
-        starts = np.asarray([s for s, _ in spans], dtype=np.int64)
-        ends = np.asarray([e for _, e in spans], dtype=np.int64)
+    def tokenize(self, chat: ChatText) -> EncodedConversation:
+        """Token ids (placeholders expanded to image slots) and labels of rendered ChatML text."""
+        tokens, char_starts, image_starts = self._tokenize(chat.text)
+        starts = np.asarray([s for s, _ in chat.answer_spans], dtype=np.int64)
+        ends = np.asarray([e for _, e in chat.answer_spans], dtype=np.int64)
         # A token is trained iff it starts inside an answer span (the spans are sorted and disjoint).
         k = np.searchsorted(starts, char_starts, side="right") - 1
-        inside = (k >= 0) & (char_starts < ends[np.maximum(k, 0)]) if len(spans) else np.zeros(len(tokens), bool)
+        inside = ((k >= 0) & (char_starts < ends[np.maximum(k, 0)]) if len(chat.answer_spans)
+                  else np.zeros(len(tokens), bool))
         inside &= tokens != IMAGE_TOKEN_ID
         labels = np.where(inside, tokens, IGNORE_ID).astype(np.int32)
-        system_end = int(np.searchsorted(char_starts, system_end_char, side="left"))
+        system_end = int(np.searchsorted(char_starts, chat.system_end_char, side="left"))
         return EncodedConversation(tokens, labels, system_end, image_starts)
 
     def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:

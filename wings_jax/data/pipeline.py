@@ -5,7 +5,7 @@ Stages, per host::
     each source: all records -> shuffle(seed, per epoch) -> repeat(num_epochs)      identical on every host
     mix(sources, weights)                                 grain MapDataset.mix, deterministic
     this host's rows: of every run of global_batch_size examples, the process_index-th slice
-    encode: parse, ChatML tokens, truncation, image decode + pad + resize (uint8)   (worker processes)
+    record -> example (data.record): parse, ChatML, tokens, truncation, images (uint8) (worker processes)
     bad-record policy ('error' | 'skip', max_bad_fraction)                            (main process)
     one conversation per row (right padding), or first-fit packing of several     (main process)
     batch of global_batch_size // process_count rows, images uint8 (normalised on the device)
@@ -33,12 +33,14 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-from . import assemble
-from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID
+from . import batch
+from .checks import check_batch_split, check_image_slots
+from .constants import DEFAULT_SYSTEM_PROMPT
 from .conversation import ChatFormatter
 from .errors import BadRecordError, DataError
-from .images import ASPECT_MODES, load_image, to_square_pixels
-from .sources import RawRecord, SOURCE_KINDS, Source, decode_record, open_source
+from .images import ASPECT_MODES
+from .record import BadRecord, RecordToExample
+from .sources import SOURCE_KINDS, Source, open_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -84,59 +86,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         "num_epochs": config_dict.placeholder(int),  # None: repeat forever
         "worker_count": 0,  # processes decoding images (0: in the main process)
         "worker_buffer_size": 4,  # examples each worker prepares ahead
-        "read_threads": 2,  # threads per process running the encode step (PIL releases the GIL)
+        "read_threads": 2,  # threads per process turning records into examples (PIL releases the GIL)
         "read_buffer_size": 32,  # examples prefetched by those threads
         "bad_record_policy": "error",  # 'error': stop at the first bad record; 'skip': count, log, go on
         "max_bad_fraction": 0.01,  # 'skip' fails once skipped / seen exceeds this ...
         "bad_fraction_min_seen": 100,  # ... after this many records (and always at the end of the data)
     })
-
-
-@dataclasses.dataclass(frozen=True)
-class BadRecord:
-    """Stands in the stream for a record that could not be used (encoding never raises for bad data)."""
-
-    kind: str
-    origin: str
-    message: str
-
-
-class Encoder:
-    """RawRecord -> example dict (see assemble), or BadRecord. Runs in grain worker processes."""
-
-    def __init__(self, formatter: ChatFormatter, *, image_size: int, image_aspect: str, max_len: int,
-                 max_images: int):
-        self.formatter, self.image_size, self.image_aspect = formatter, image_size, image_aspect
-        self.max_len, self.max_images = max_len, max_images
-
-    def __call__(self, raw: RawRecord) -> dict[str, np.ndarray] | BadRecord:
-        try:
-            raw = raw.unpacked()  # a damaged stored record fails here; after it, the origin is the full one
-            turns, images = decode_record(raw)
-            encoded = self.formatter.encode(turns, len(images))
-            cut, kept = assemble.truncation_point(len(encoded.tokens), encoded.image_starts,
-                                                  self.formatter.tokens_per_image, self.max_len, self.max_images)
-            self._check_something_to_train(encoded, cut, kept, len(images))
-            # Images dropped by truncation are not decoded.
-            pixels = [to_square_pixels(load_image(source, name=name), self.image_size, self.image_aspect)
-                      for name, source in images[:kept]]
-            return assemble.make_example(encoded, pixels, cut, self.image_size)
-        except DataError as e:
-            return BadRecord(e.kind, raw.origin, str(e))
-
-    def _check_something_to_train(self, encoded, cut: int, kept: int, num_images: int) -> None:
-        """A record whose answer tokens are all cut away by truncation would be a row that trains nothing."""
-        if (encoded.labels[:cut] != IGNORE_ID).any():
-            return
-        if kept < num_images and kept == self.max_images:
-            raise BadRecordError(
-                f"no answer token is left to train on: the record has {num_images} images, data.max_images="
-                f"{self.max_images}, and the row is cut before image {kept + 1}, which comes before the answer; "
-                "raise data.max_images or drop the record", kind="too_many_images")
-        raise BadRecordError(
-            f"no answer token is left to train on: the record's {len(encoded.tokens)} tokens are cut to "
-            f"data.max_len={self.max_len} before its first answer; raise data.max_len or shorten the record",
-            kind="answer_truncated")
 
 
 # ------------------------------------------------------------------------------------- bad-record policy
@@ -318,7 +273,7 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     ds = HostRows(ds, rows, process_index, process_count)
 
     formatter = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image, system_prompt=cfg["system_prompt"])
-    ds = ds.map(Encoder(formatter, image_size=image_size, image_aspect=cfg["image_aspect"],
+    ds = ds.map(RecordToExample(formatter, image_size=image_size, image_aspect=cfg["image_aspect"],
                         max_len=cfg["max_len"], max_images=cfg["max_images"]))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg["read_threads"],
                                               prefetch_buffer_size=cfg["read_buffer_size"]))
@@ -330,14 +285,14 @@ def make_data_iterator(data_cfg: Mapping[str, Any], *, tokenizer: PreTrainedToke
     it = _BadRecordPolicyDataset(it, _BadRecordPolicy(cfg["bad_record_policy"], cfg["max_bad_fraction"],
                                                       cfg["bad_fraction_min_seen"], stats))
     if cfg["packing"]:
-        lengths, padding = assemble.packing_structs(cfg["max_len"], cfg["max_images"])
+        lengths, padding = batch.packing_structs(cfg["max_len"], cfg["max_images"])
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=lengths, padding_struct=padding, num_packing_bins=cfg["packing_bins"] or rows,
             shuffle_bins=False)
-        it = it.map(assemble.row_from_packed)
+        it = it.map(batch.row_from_packed)
     else:
         max_len, max_images = cfg["max_len"], cfg["max_images"]
-        it = it.map(lambda example: assemble.pad_row(example, max_len, max_images))
+        it = it.map(lambda example: batch.pad_row(example, max_len, max_images))
     it = it.batch(rows, drop_remainder=True)
 
     return DataIterator(it, stats, _fingerprint(cfg, image_size, tokens_per_image, global_batch_size,
@@ -392,17 +347,10 @@ def _checked(data_cfg: Mapping[str, Any], tokens_per_image: int, global_batch_si
         raise ValueError(f"data.bad_record_policy {cfg['bad_record_policy']!r} is not one of {BAD_RECORD_POLICIES}")
     if cfg["image_aspect"] not in ASPECT_MODES:
         raise ValueError(f"data.image_aspect {cfg['image_aspect']!r} is not one of {ASPECT_MODES}")
-    if tokens_per_image == 0 and cfg["max_images"] > 0:
-        raise ValueError(f"the model has no vision tower (tokens_per_image=0), so data.max_images must be 0 "
-                         f"(is {cfg['max_images']})")
-    if cfg["max_images"] > 0 and cfg["max_len"] < tokens_per_image + 1:
-        raise ValueError(f"data.max_len={cfg['max_len']} cannot hold one image ({tokens_per_image} slots) and any "
-                         "text; raise it or set data.max_images=0")
+    check_image_slots(cfg["max_images"], cfg["max_len"], tokens_per_image)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} / process_count {process_count} are inconsistent")
-    if global_batch_size % process_count or global_batch_size < process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of process_count "
-                         f"{process_count}")
+    check_batch_split(global_batch_size, process_count)
     if cfg["num_epochs"] is not None and cfg["num_epochs"] < 1:
         raise ValueError(f"data.num_epochs must be None (forever) or at least 1, got {cfg['num_epochs']}")
     return cfg

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .errors import BadImageError, DataError
 from .images import read_image_file
-from .sources import decode_record, open_llava, pack_record
+from .sources import open_llava, pack_record, parse_record
 
 
 _CHUNK = 256  # records read ahead by the image-reading threads
@@ -30,7 +30,7 @@ def _packed(source, index: int) -> tuple[bytes, int]:
     """One record packed with its image bytes, and how many of its images are missing."""
     raw = source[index]
     try:
-        _, images = decode_record(raw)
+        _, images = parse_record(raw)
     except DataError:
         images = []  # the record is broken: reading it back fails with the same error, so embed nothing
     embedded = [(ref, _bytes_or_none(path, ref)) for ref, path in images]

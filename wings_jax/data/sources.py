@@ -2,7 +2,7 @@
 
 Every source is a grain random-access data source (``__len__``, ``__getitem__``, plus ``close``) whose
 items are `RawRecord`s: a record exactly as stored, not yet checked, so that reading never fails for bad
-data. `decode_record` turns one into turns and image sources; it runs inside the pipeline's encode step,
+data. `parse_record` turns one into turns and image sources; it is the first step of `record.RecordToExample`,
 and raises `BadRecordError` / `BadImageError` for a malformed record, which the bad-record policy then
 skips or reports under the record's origin (file and line or index).
 
@@ -58,7 +58,7 @@ class RawRecord:
         return RawRecord(origin, unpacked.record, self.image_root, unpacked.images)
 
 
-def decode_record(raw: RawRecord) -> tuple[list[Turn], list[tuple[str, ImageSource]]]:
+def parse_record(raw: RawRecord) -> tuple[list[Turn], list[tuple[str, ImageSource]]]:
     """(turns, [(image name, image source), ...]) of a record; the image sources are not yet read.
 
     Raises `BadRecordError` / `BadImageError` for a malformed record; the messages say what is wrong,

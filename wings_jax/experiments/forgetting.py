@@ -39,7 +39,7 @@ from wings_jax.checkpoint import read_config, save_model
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.conversation import Turn
 from wings_jax.data.pipeline import source_config
-from wings_jax.decoding import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation
+from wings_jax.inference import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation
 from wings_jax.evaluate import read_questions
 from wings_jax.experiments.synthetic import Files, make_data
 from wings_jax.model.wings import WingsModel

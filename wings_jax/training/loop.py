@@ -41,7 +41,7 @@ def _global_batch(host_batch: dict[str, np.ndarray], shapes: dict[str, jax.Shape
     for key, spec in shapes.items():
         if not np.can_cast(host_batch[key].dtype, spec.dtype, "same_kind"):
             raise TypeError(f"batch[{key!r}] is {host_batch[key].dtype}, the compiled step takes {spec.dtype} "
-                            "(see data.assemble.batch_spec)")
+                            "(see data.batch.FIELDS)")
     return {key: jax.make_array_from_process_local_data(spec.sharding, np.asarray(host_batch[key], spec.dtype),
                                                         spec.shape)
             for key, spec in shapes.items()}

@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from wings_jax import checkpoint, sharding
-from wings_jax.data.assemble import batch_spec
+from wings_jax.data.batch import BatchSpec
 from wings_jax.flops import count_flops
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model, component, flat_variables, flatten_dict, unflatten_dict
@@ -83,7 +83,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     b, d = cfg.train.global_batch_size, cfg.data
     image = model_cfg.vision.image_size if model_cfg.vision else 0
     batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
-                    for k, (s, t) in batch_spec(b, d.max_len, d.max_images, image).items()}
+                    for k, (s, t) in BatchSpec(b, d.max_len, d.max_images, image).shapes().items()}
 
     step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
                            loss_chunk=cfg.train.loss_chunk, mesh=mesh, rules=rules)

@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 from wings_jax.config import ConfigError
 from wings_jax import checkpoint
+from wings_jax.data.checks import check_batch_split, check_image_slots, check_length
 from wings_jax.data.pipeline import default_data_config
 from wings_jax.model.qwen import Runtime
 from wings_jax.model.wings import WingsModelConfig
@@ -158,17 +159,15 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
     b, accum = t.global_batch_size, t.grad_accum
     if b <= 0 or accum <= 0 or t.steps <= 0:
         raise ConfigError("train.global_batch_size, train.grad_accum and train.steps must be positive")
-    if b % process_count:
-        raise ConfigError(f"train.global_batch_size={b} is not divisible by the {process_count} processes")
+    check_batch_split(b, process_count, ConfigError)
     if b % (batch_shards * accum):
         raise ConfigError(
             f"train.global_batch_size={b} must be a multiple of (data x fsdp = {batch_shards}) x "
             f"(train.grad_accum = {accum}) = {batch_shards * accum}: each micro-batch is split over the batch axes")
     max_len = cfg.data.max_len
     wings = model.wings
-    if wings.uses_router and max_len > wings.router_max_len:
-        raise ConfigError(f"data.max_len={max_len} exceeds the router's {wings.router_max_len} positions "
-                          "(model.wings.router_max_len)")
+    check_length(model, max_len, "data.max_len", "raise model.wings.router_max_len or lower data.max_len",
+                 ConfigError)
     if max_len % min(t.loss_chunk, max_len):
         raise ConfigError(f"data.max_len={max_len} is not a multiple of train.loss_chunk={t.loss_chunk}")
     if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] <= t.profile_steps[1] < t.steps):
@@ -185,8 +184,7 @@ def check_run(cfg: ml_collections.ConfigDict, model: WingsModelConfig, batch_sha
                           f"a positive train.eval_batch_size (is {t.eval_batch_size}); eval_every=0 turns it off")
     if t.eval_every and process_count > 1:
         raise ConfigError("train.eval_every runs on one process only for now; set it to 0 for multi-host runs")
-    if model.vision is None and cfg.data.max_images:
-        raise ConfigError(f"the model has no vision tower, so data.max_images must be 0 (is {cfg.data.max_images})")
+    check_image_slots(cfg.data.max_images, max_len, model.tokens_per_image, ConfigError)
 
 
 def check_sources(cfg: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,8 @@
 """Batched generation with a WingsModel: prompts -> padded batch -> prefill -> one extend per new token.
 
-    decoder = Decoder(model)
+    engine = Engine(model)
     prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\\nWhat is it?")], ["cat.jpg"])
-    [result] = decoder.generate([prompt], max_new_tokens=64, stop_ids=stop_token_ids(tokenizer))
+    [result] = engine.generate([prompt], max_new_tokens=64, stop_ids=stop_token_ids(tokenizer))
 
 Prompts of different lengths share one right-padded batch; every row continues at its own length
 (the cache slot of a token is its position). Shapes are fixed for a whole call: the prompt batch is
@@ -28,6 +28,8 @@ from flax import nnx
 from wings_jax.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt, encode_prompt
+from wings_jax.data.batch import append_tokens, pad_rows
+from wings_jax.data.checks import check_length
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
@@ -133,42 +135,12 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 
 def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]:
-    """Right-padded batch (docs/architecture.md) of unpadded prompts; image keys only if some prompt has images."""
-    b = len(prompts)
-    batch = {"tokens": np.zeros((b, length), np.int32), "positions": np.zeros((b, length), np.int32),
-             "segment_ids": np.zeros((b, length), np.int32), "text_mask": np.zeros((b, length), bool)}
-    for row, p in enumerate(prompts):
-        n = len(p.tokens)
-        if n > length:
-            raise ValueError(f"prompt {row} has {n} tokens, more than the batch length {length}")
-        batch["tokens"][row, :n] = p.tokens
-        batch["positions"][row, :n] = p.positions
-        batch["segment_ids"][row, :n] = 1
-        batch["text_mask"][row, :n] = p.text_mask
-    num_images = max(len(p.image_mask) for p in prompts)
-    if num_images:
-        size = next(p.images.shape[1:] for p in prompts if len(p.image_mask))
-        batch["images"] = np.zeros((b, num_images, *size), np.float32)
-        batch["image_mask"] = np.zeros((b, num_images), bool)
-        for row, p in enumerate(prompts):
-            if len(p.image_mask):  # a row without images may hold them in another layout (0, ...)
-                batch["images"][row, :len(p.image_mask)] = p.images
-                batch["image_mask"][row, :len(p.image_mask)] = p.image_mask
+    """Right-padded batch (`data.batch`) of unpadded prompts; image keys only if some prompt has images."""
+    num_images = max(len(p.images) for p in prompts)
+    batch = pad_rows([p._asdict() for p in prompts], length, num_images, image_dtype=np.float32)
+    if not num_images:
+        del batch["images"], batch["image_mask"]
     return batch
-
-
-def position_limit(cfg: WingsModelConfig) -> int | None:
-    """The longest sequence the model can run: the router has one weight row per position (stage
-    'pretrain' has no router, hence no limit: None)."""
-    return cfg.wings.router_max_len if cfg.wings.uses_router else None
-
-
-def check_length(cfg: WingsModelConfig, length: int, what: str, remedy: str) -> None:
-    """Refuses sequences longer than :func:`position_limit`."""
-    limit = position_limit(cfg)
-    if limit is not None and length > limit:
-        raise GenerationError(f"{what} needs {length} positions, but the model's router weighs at most "
-                              f"{limit} (wings.router_max_len); {remedy}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +191,7 @@ class _Steps(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _steps(graphdef: nnx.GraphDef) -> _Steps:
-    """The jitted functions of one architecture: models that share it (every Decoder, every CLI call in a
+    """The jitted functions of one architecture: models that share it (every Engine, every CLI call in a
     process) share the compilations, and no step pays for hashing the graph definition."""
 
     def prefill(state, batch, lengths, key, settings, max_length):
@@ -283,7 +255,7 @@ def continuation_batch(rows: Sequence[tuple[Prompt, int]], batch_size: int
     return batch, (at, targets, valid)
 
 
-class Decoder:
+class Engine:
     """Generation and teacher-forced logits for one model.
 
     With a ``mesh``, the parameters must already be placed on it (replicated or sharded) and every batch is
@@ -309,7 +281,7 @@ class Decoder:
     def logits(self, prompts: Sequence[Prompt]) -> list[np.ndarray]:
         """float32 logits (n, vocab) of each prompt's teacher-forced forward (one padded batch)."""
         lengths = [len(p.tokens) for p in prompts]
-        check_length(self.cfg, max(lengths), "the prompt", "shorten it")
+        check_length(self.cfg, max(lengths), "the prompt", "shorten it", GenerationError)
         out = np.asarray(self._steps.forward(self.state, self._place(pad_prompts(prompts, bucket_length(max(lengths))))))
         return [row[:n] for row, n in zip(out, lengths)]
 
@@ -352,7 +324,7 @@ class Decoder:
         if lengths.min() < 1:
             raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
         check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens",
-                     "shorten the prompt or ask for fewer new tokens")
+                     "shorten the prompt or ask for fewer new tokens", GenerationError)
         if recompute is None:
             recompute = self.must_recompute
         elif not recompute and self.must_recompute:
@@ -382,15 +354,12 @@ class Decoder:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
         if "images" in batch and self.cfg.vision is not None:  # the tower runs once, not at every step
             batch["image_features"] = self.image_features(batch.pop("images"))
-        rows, lengths = np.arange(len(prompts)), lengths.copy()
+        lengths = lengths.copy()
         for step in range(max_new_tokens):
             tokens = np.asarray(self._steps.recompute(self.state, *self._place((batch, lengths)), key, step,
                                                       settings))
             yield tokens
-            batch["tokens"][rows, lengths] = tokens
-            batch["positions"][rows, lengths] = lengths
-            batch["segment_ids"][rows, lengths] = 1
-            batch["text_mask"][rows, lengths] = True  # generated text comes after the system turn
+            append_tokens(batch, lengths, tokens)
             lengths += 1
 
 
@@ -411,6 +380,6 @@ def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> lis
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
 
 
-def decode_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+def detokenize(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
