@@ -51,3 +51,16 @@ def test_a_bad_remat_policy_is_refused():
 
     with pytest.raises(SystemExit):
         train_step.parse_args(["--remat", "sometimes"])
+
+
+def test_decode_bench_runs_both_libraries_on_tiny_shapes(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode
+
+    decode.main(["--shape", "tiny", "--batch-sizes", "1,2", "--prompt-tokens", "24", "--new-tokens", "3",
+                 "--recompute-tokens", "2", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for batch in (1, 2):
+        for name in ("ours", "transformers", "recompute"):
+            assert f"batch {batch} {name:>12}:" in out
+        assert f"batch {batch} decode ratio wings_jax / transformers:" in out
