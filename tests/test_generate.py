@@ -89,6 +89,20 @@ def test_batched_equals_one_by_one():
         assert decoder.generate([prompt], NEW) == [together]
 
 
+def test_blocks_of_steps_on_device_equal_one_block():
+    """Blocks that end mid-generation (3 steps per dispatch) and rows that stop in different blocks give the
+    tokens of a single block."""
+    decoder = Decoder(strong_model())
+    whole = decoder.generate(PROMPTS, NEW)
+    stop = whole[0].token_ids[4]
+    decoder.steps_per_dispatch = 3
+    assert decoder.generate(PROMPTS, NEW) == whole
+    decoder.steps_per_dispatch = NEW
+    stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
+    decoder.steps_per_dispatch = 3
+    assert decoder.generate(PROMPTS, NEW, stop_ids=[stop]) == stopped
+
+
 def test_learners_change_what_is_generated():
     """The comparisons above would be vacuous if the learners added nothing."""
     active = Decoder(strong_model()).generate(PROMPTS, NEW)
