@@ -11,7 +11,7 @@ row generates ``--new-tokens``. Everything is compiled / warmed up first, then t
 ``--rounds`` rounds and each figure is the median over rounds:
 - time to first token: generate(max_new_tokens=1), i.e. the prefill and the first sample;
 - prefill tokens/s: batch * prompt tokens / time to first token;
-- decode tokens/s: batch * (new_tokens - 1) / (time of generate(new_tokens) - time to first token);
+- decode tokens/s (wings_jax for each ``--steps-per-dispatch``, shown as ours/N): batch * (new_tokens - 1) / (time of generate(new_tokens) - time to first token);
 - recompute tokens/s (wings_jax only): batch * ``--recompute-tokens`` / time of a recompute=True generate.
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--recompute-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-dispatch", default="1,16",
+                        help="cached decode steps per device dispatch; each value is measured as its own run")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--no-transformers", action="store_true",
                         help="wings_jax only (e.g. on an accelerator, where a CPU transformers is no comparison)")
@@ -96,11 +98,19 @@ def main(argv=None) -> None:
                 return hf.generate(torch_ids, attention_mask=torch.ones_like(torch_ids), max_new_tokens=k,
                                    min_new_tokens=k, do_sample=False, pad_token_id=0)
 
-        runs = {"ours": lambda k: decoder.generate(prompts, k),
-                "recompute": lambda k: decoder.generate(prompts, k, recompute=True)}
+        def ours(block):
+            def run(k):
+                decoder.steps_per_dispatch = block
+                return decoder.generate(prompts, k)
+            return run
+
+        blocks = [int(b) for b in args.steps_per_dispatch.split(",")]
+        runs = {f"ours/{b}": ours(b) for b in blocks}
+        runs["recompute"] = lambda k: decoder.generate(prompts, k, recompute=True)
         if not args.no_transformers:
             runs["transformers"] = hf_generate
-        counts = {"ours": (1, new), "transformers": (1, new), "recompute": (args.recompute_tokens,)}
+        counts = {name: (1, new) for name in runs}
+        counts["recompute"] = (args.recompute_tokens,)
         for name, run in runs.items():  # compile / warm up every shape
             for k in counts[name]:
                 run(k)
@@ -111,8 +121,8 @@ def main(argv=None) -> None:
                     times.setdefault((name, k), []).append(timed(lambda: run(k)))
         med = {key: statistics.median(v) for key, v in times.items()}
         decode = {}
-        for name in ("ours", "transformers"):
-            if name not in runs:
+        for name in runs:
+            if name == "recompute":
                 continue
             first, total = med[(name, 1)], med[(name, new)]
             decode[name] = batch * (new - 1) / max(total - first, 1e-9)
@@ -123,7 +133,9 @@ def main(argv=None) -> None:
         print(f"batch {batch} {'recompute':>12}: {batch * args.recompute_tokens / recompute:8.1f} tok/s "
               f"({recompute / args.recompute_tokens * 1e3:7.1f} ms/step, wings_jax recompute=True)")
         if "transformers" in decode:
-            print(f"batch {batch} decode ratio wings_jax / transformers: {decode['ours'] / decode['transformers']:.2f}")
+            for b in blocks:
+                print(f"batch {batch} decode ratio wings_jax ({b} steps per dispatch) / transformers: "
+                      f"{decode[f'ours/{b}'] / decode['transformers']:.2f}")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def test_decode_bench_runs_both_libraries_on_tiny_shapes(capsys):
     import decode
 
     decode.main(["--shape", "tiny", "--batch-sizes", "1,2", "--prompt-tokens", "24", "--new-tokens", "3",
-                 "--recompute-tokens", "2", "--rounds", "1"])
+                 "--recompute-tokens", "2", "--rounds", "1", "--steps-per-dispatch", "1,2"])
     out = capsys.readouterr().out
     for batch in (1, 2):
-        for name in ("ours", "transformers", "recompute"):
+        for name in ("ours/1", "ours/2", "transformers", "recompute"):
             assert f"batch {batch} {name:>12}:" in out
-        assert f"batch {batch} decode ratio wings_jax / transformers:" in out
+        for block in (1, 2):
+            assert f"batch {batch} decode ratio wings_jax ({block} steps per dispatch) / transformers:" in out
