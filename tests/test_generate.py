@@ -241,6 +241,31 @@ def test_cli_matches_transformers_generate_and_logits(hf_checkpoint, capsys, tmp
     np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
 
 
+class _Recorder(io.StringIO):
+    """stdout that keeps each write separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+        return super().write(text)
+
+
+def test_cli_streams_the_reply_in_pieces(hf_checkpoint, capsys, monkeypatch):
+    _, _, ckpt = hf_checkpoint
+    common = ["--ckpt", ckpt, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "20", "--ignore-eos"]
+    rc, out, err = _run(capsys, common + ["--json"])
+    assert rc == 0, err
+    text = json.loads(out)["text"]
+    stdout = _Recorder()
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert generate_main(common) == 0
+    pieces = [p for p in stdout.pieces if p]
+    assert len(pieces) > 2 and "".join(pieces) == text + "\n"
+
+
 def test_cli_errors_name_the_problem(hf_checkpoint, vision_checkpoint, capsys, tmp_path):
     _, _, ckpt = hf_checkpoint
     missing = str(tmp_path / "nowhere")

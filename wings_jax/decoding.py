@@ -361,10 +361,12 @@ class Decoder:
         return self._steps.vision(self.state, images)
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None) -> list[Generation]:
+                 stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
         """Generates up to ``max_new_tokens`` per prompt; a row stops at its first token in ``stop_ids``.
 
         ``recompute=None`` picks the cached path unless the model's mixing needs recomputation.
+        ``on_token(row, token)`` sees each kept token as soon as it reaches the host (to stream the reply).
         """
         if not prompts:
             raise GenerationError("no prompts to generate from")
@@ -381,7 +383,7 @@ class Decoder:
             raise GenerationError("mixing='reference' models decode only by recomputation (recompute=True)")
         steps = (self._recompute_steps if recompute else self._cached_steps)(
             prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed), stop_ids)
-        return _collect(steps, len(prompts), set(stop_ids))
+        return _collect(steps, len(prompts), set(stop_ids), on_token)
 
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
@@ -426,7 +428,8 @@ def _block_rows(out: jax.Array, count: jax.Array) -> Iterator[np.ndarray]:
     yield from np.asarray(out)[:int(count)]
 
 
-def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> list[Generation]:
+def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int],
+             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
     """Per-row tokens until a stop token or the last step; stops pulling steps when every row is done."""
     out: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
@@ -438,6 +441,8 @@ def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> lis
                 reasons[row] = "stop"
             else:
                 out[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
         if all(r is not None for r in reasons):
             break
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]
