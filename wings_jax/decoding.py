@@ -175,10 +175,16 @@ def check_length(cfg: WingsModelConfig, length: int, what: str, remedy: str) -> 
 # sampling
 
 
+# top-k up to this many is served from jax.lax.top_k candidates instead of a sort of the whole vocabulary
+TOP_K_CANDIDATES = 64
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Array:
     """Next tokens (B,) from last-position logits (B, V): greedy, or top-k then top-p, then a draw.
 
-    ``settings`` is ``Sampling.values()`` (traced inside the jitted steps).
+    ``settings`` is ``Sampling.values()`` (traced inside the jitted steps, so every setting shares one
+    compilation). Only what the settings need runs: an argmax when greedy, no ordering without top-k or
+    top-p, the top ``TOP_K_CANDIDATES`` when top-k is at most that, a full sort otherwise.
     """
     logits = logits.astype(jnp.float32)
     temperature, top_k, top_p = settings
@@ -186,15 +192,25 @@ def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Arr
     def draw():
         scaled = logits / jnp.maximum(temperature, 1e-6)
         vocab = scaled.shape[-1]
-        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-        rank = jnp.arange(vocab)[None]
-        in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        # top-p over what top-k keeps: the most likely tokens until their mass reaches top_p (at least one)
-        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
-        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        return jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
+        candidates = min(TOP_K_CANDIDATES, vocab)
+
+        def cutoff(ordered):
+            """The smallest kept logit, from the (B, n) largest ones in descending order."""
+            rank = jnp.arange(ordered.shape[-1])[None]
+            in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+            # top-p over what top-k keeps: the most likely tokens until their mass reaches top_p (at least one)
+            probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
+            return jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+
+        branch = jnp.where((top_k == 0) & (top_p >= 1), 0, jnp.where((top_k > 0) & (top_k <= candidates), 1, 2))
+        threshold = jax.lax.switch(branch, [
+            lambda: jnp.full((scaled.shape[0], 1), -jnp.inf),
+            lambda: cutoff(jax.lax.top_k(scaled, candidates)[0]),
+            lambda: cutoff(jnp.sort(scaled, axis=-1)[:, ::-1]),
+        ])
+        return jax.random.categorical(key, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
