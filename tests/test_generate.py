@@ -20,7 +20,7 @@ from wings_jax.convert.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
-from wings_jax.decoding import Decoder, GenerationError, Sampling, sample_tokens
+from wings_jax.decoding import Decoder, GenerationError, Sampling, load_for_inference, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Runtime
@@ -247,6 +247,19 @@ def vision_checkpoint(tmp_path_factory):
     image = str(root / "picture.png")
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 30, 3), np.uint8)).save(image)
     return save_vision_checkpoint(str(root)), image
+
+
+def test_inference_dtype_defaults_to_bfloat16_on_accelerators_only(hf_checkpoint, monkeypatch):
+    _, _, ckpt = hf_checkpoint
+
+    def param_dtypes(dtype=None):
+        model, _ = load_for_inference(ckpt, dtype)
+        return {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+
+    assert param_dtypes() == {"float32"}  # this machine is a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert param_dtypes() == {"bfloat16"}
+    assert param_dtypes("float32") == {"float32"}
 
 
 def _run(capsys, argv):

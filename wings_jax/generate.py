@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {prompt_token_ids, generated_token_ids, text}")
     p.add_argument("--save-logits", metavar="FILE.npy",
                    help="write the float32 logits [prompt_len, vocab] of the prompt's teacher-forced forward")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on accelerators, float32 on CPU")
     return p
 
 
