@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -151,26 +152,16 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert draws(top_k=2, top_p=0.5) == {1}  # top-p over the top-k renormalised: 0.4 / 0.7 >= 0.5
 
 
-def _sorted_sampling(logits, key, settings):
-    """The oracle: top-k and top-p over the whole vocabulary sorted (how sampling worked before candidates)."""
-    temperature, top_k, top_p = settings
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    rank = jnp.arange(scaled.shape[-1])[None]
-    in_top_k = rank < jnp.where(top_k > 0, top_k, scaled.shape[-1])
-    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-    keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1))
-    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
-
-
 def test_sampling_draws_the_tokens_of_a_full_sort():
     """Candidates from top_k (top-k within the bound), no ordering (neither), a sort (top-k past the bound,
     or top-p alone): the same tokens for the same keys as sorting the whole vocabulary."""
     logits = jax.random.normal(jax.random.key(1), (3, 300)) * 3
     keys = jax.random.split(jax.random.key(2), 64)
     ours = jax.jit(jax.vmap(sample_tokens, in_axes=(None, 0, None)))
-    oracle = jax.jit(jax.vmap(_sorted_sampling, in_axes=(None, 0, None)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from decode_steps import sorted_cutoff_sampling  # the oracle: how sampling worked before candidates
+
+    oracle = jax.jit(jax.vmap(sorted_cutoff_sampling, in_axes=(None, 0, None)))
     for kw in (dict(), dict(top_k=1), dict(top_k=10), dict(top_k=64), dict(top_k=65), dict(top_k=200, top_p=0.8),
                dict(top_p=0.9), dict(top_k=10, top_p=0.5)):
         settings = Sampling(temperature=1.5, **kw).values()
