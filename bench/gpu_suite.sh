@@ -15,4 +15,4 @@ run python3 bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batc
 run python3 bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batch 8 --attention xla --remat attention --steps 5
 run python3 bench/train_step.py --preset qwen1.8b-so400m --stage pretrain --batch 8 --attention cudnn --remat attention --steps 5
 run python3 bench/router_memory.py
-run python3 bench/decode.py
+run python3 bench/decode.py --no-transformers

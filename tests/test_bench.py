@@ -51,3 +51,27 @@ def test_a_bad_remat_policy_is_refused():
 
     with pytest.raises(SystemExit):
         train_step.parse_args(["--remat", "sometimes"])
+
+
+def test_decode_bench_runs_both_libraries_on_tiny_shapes(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode
+
+    decode.main(["--shape", "tiny", "--batch-sizes", "1,2", "--prompt-tokens", "24", "--new-tokens", "3",
+                 "--recompute-tokens", "2", "--rounds", "1", "--steps-per-dispatch", "1,2"])
+    out = capsys.readouterr().out
+    for batch in (1, 2):
+        for name in ("ours/1", "ours/2", "transformers", "recompute"):
+            assert f"batch {batch} {name:>12}:" in out
+        for block in (1, 2):
+            assert f"batch {batch} decode ratio wings_jax ({block} steps per dispatch) / transformers:" in out
+
+
+def test_decode_steps_bench_runs_on_tiny_shapes(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_steps
+
+    decode_steps.main(["--shape", "tiny", "--cache-slots", "272"])
+    out = capsys.readouterr().out
+    assert "step learners,   272 cache slots:" in out and "step no wings,   272 cache slots:" in out
+    assert out.count("whole-vocabulary sort") == 3

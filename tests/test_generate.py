@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
-from wings_jax.inference import Engine, GenerationError, Sampling, sample_tokens
+from wings_jax.inference import Engine, GenerationError, Sampling, load_for_inference, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import Runtime
@@ -89,6 +90,20 @@ def test_batched_equals_one_by_one():
         assert decoder.generate([prompt], NEW) == [together]
 
 
+def test_blocks_of_steps_on_device_equal_one_block():
+    """Blocks that end mid-generation (3 steps per dispatch) and rows that stop in different blocks give the
+    tokens of a single block."""
+    decoder = Engine(strong_model())
+    whole = decoder.generate(PROMPTS, NEW)
+    stop = whole[0].token_ids[4]
+    decoder.steps_per_dispatch = 3
+    assert decoder.generate(PROMPTS, NEW) == whole
+    decoder.steps_per_dispatch = NEW
+    stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
+    decoder.steps_per_dispatch = 3
+    assert decoder.generate(PROMPTS, NEW, stop_ids=[stop]) == stopped
+
+
 def test_learners_change_what_is_generated():
     """The comparisons above would be vacuous if the learners added nothing."""
     active = Engine(strong_model()).generate(PROMPTS, NEW)
@@ -135,6 +150,33 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert draws(top_k=2) == {1, 3}
     assert draws(top_p=0.75) == {1, 3, 4}  # 0.4 + 0.3 < 0.75 <= 0.4 + 0.3 + 0.15
     assert draws(top_k=2, top_p=0.5) == {1}  # top-p over the top-k renormalised: 0.4 / 0.7 >= 0.5
+
+
+def test_sampling_draws_the_tokens_of_a_full_sort():
+    """Candidates from top_k (top-k within the bound), no ordering (neither), a sort (top-k past the bound,
+    or top-p alone): the same tokens for the same keys as sorting the whole vocabulary."""
+    logits = jax.random.normal(jax.random.key(1), (3, 300)) * 3
+    keys = jax.random.split(jax.random.key(2), 64)
+    ours = jax.jit(jax.vmap(sample_tokens, in_axes=(None, 0, None)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    from decode_steps import sorted_cutoff_sampling  # the oracle: how sampling worked before candidates
+
+    oracle = jax.jit(jax.vmap(sorted_cutoff_sampling, in_axes=(None, 0, None)))
+    for kw in (dict(), dict(top_k=1), dict(top_k=10), dict(top_k=64), dict(top_k=65), dict(top_k=200, top_p=0.8),
+               dict(top_p=0.9), dict(top_k=10, top_p=0.5)):
+        settings = Sampling(temperature=1.5, **kw).values()
+        np.testing.assert_array_equal(ours(logits, keys, settings), oracle(logits, keys, settings), err_msg=str(kw))
+
+
+def test_new_sampling_settings_never_recompile():
+    decoder = Engine(strong_model())
+    decoder.generate(PROMPTS[:2], NEW)
+    steps = (decoder._steps.prefill, decoder._steps.extend_block)
+    compiled = [step._cache_size() for step in steps]
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_k=500),
+               dict(temperature=1.0, top_p=0.9), dict(temperature=2.0, top_k=3, top_p=0.5)):
+        decoder.generate(PROMPTS[:2], NEW, Sampling(**kw), seed=1)
+    assert [step._cache_size() for step in steps] == compiled
 
 
 def test_router_limit_and_bad_settings_are_refused():
@@ -198,6 +240,19 @@ def vision_checkpoint(tmp_path_factory):
     return save_vision_checkpoint(str(root)), image
 
 
+def test_inference_dtype_defaults_to_bfloat16_on_accelerators_only(hf_checkpoint, monkeypatch):
+    _, _, ckpt = hf_checkpoint
+
+    def param_dtypes(dtype=None):
+        model, _ = load_for_inference(ckpt, dtype)
+        return {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+
+    assert param_dtypes() == {"float32"}  # this machine is a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert param_dtypes() == {"bfloat16"}
+    assert param_dtypes("float32") == {"float32"}
+
+
 def _run(capsys, argv):
     rc = generate_main(argv)
     out, err = capsys.readouterr()
@@ -225,6 +280,31 @@ def test_cli_matches_transformers_generate_and_logits(hf_checkpoint, capsys, tmp
     logits = np.load(logits_file)
     assert logits.dtype == np.float32 and logits.shape == (len(expected_prompt), TOKENIZER_VOCAB)
     np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
+
+
+class _Recorder(io.StringIO):
+    """stdout that keeps each write separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+        return super().write(text)
+
+
+def test_cli_streams_the_reply_in_pieces(hf_checkpoint, capsys, monkeypatch):
+    _, _, ckpt = hf_checkpoint
+    common = ["--ckpt", ckpt, "--prompt", "What is 3 plus 4?", "--max-new-tokens", "20", "--ignore-eos"]
+    rc, out, err = _run(capsys, common + ["--json"])
+    assert rc == 0, err
+    text = json.loads(out)["text"]
+    stdout = _Recorder()
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert generate_main(common) == 0
+    pieces = [p for p in stdout.pieces if p]
+    assert len(pieces) > 2 and "".join(pieces) == text + "\n"
 
 
 def test_cli_errors_name_the_problem(hf_checkpoint, vision_checkpoint, capsys, tmp_path):

@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=SCORES, default="sum",
                    help="an option's score: the sum of its tokens' log-likelihoods, or their mean (per token)")
     p.add_argument("--output", help="also write the results here (JSON)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on accelerators, float32 on CPU")
     return p
 
 

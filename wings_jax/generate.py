@@ -10,7 +10,8 @@ or ``<|endoftext|>`` (unless --ignore-eos) or after --max-new-tokens (default 25
 prompt leaves less room before the model's length limit; a value given explicitly that does not fit is
 refused).
 
-Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the
+Without --json the reply is written to stdout as it is produced (each piece as soon as its tokens
+reach the host and decode to whole characters), then a newline. Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the
 next message; the whole conversation is kept and re-read at every turn.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Callable, Sequence, TextIO
 
 import numpy as np
 from etils import epath
@@ -53,8 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {prompt_token_ids, generated_token_ids, text}")
     p.add_argument("--save-logits", metavar="FILE.npy",
                    help="write the float32 logits [prompt_len, vocab] of the prompt's teacher-forced forward")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on accelerators, float32 on CPU")
     return p
+
+
+class TextStream:
+    """Writes a reply's text as its tokens arrive: what the tokens so far decode to, past what is already
+    written; text ending in a partial UTF-8 character (decoded as U+FFFD) waits for the next token."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        self._write(detokenize(self.tokenizer, self.ids), hold_partial=True)
+
+    def _write(self, text: str, hold_partial: bool = False) -> None:
+        if text.startswith(self.written) and not (hold_partial and text.endswith("\ufffd")):
+            self.out.write(text[len(self.written):])
+            self.out.flush()
+            self.written = text
+
+    def finish(self, text: str) -> None:
+        self._write(text)
+        print(file=self.out, flush=True)
 
 
 class Chat:
@@ -90,14 +115,15 @@ class Chat:
             return room
         return DEFAULT_MAX_NEW_TOKENS  # room < 1: the decoder refuses the prompt as too long
 
-    def answer(self, message: str, images: Sequence[str]) -> dict:
-        """Generates the reply to ``message``; the conversation only grows when that succeeds."""
+    def answer(self, message: str, images: Sequence[str], on_token: Callable[[int, int], None] | None = None) -> dict:
+        """Generates the reply to ``message`` (its tokens go to ``on_token`` as they come); the conversation
+        only grows when that succeeds."""
         self.check_images(images)
         user = Turn("user", with_image_placeholders(message, len(images)))
         prompt = encode_chat(self.model.cfg, self.tokenizer, [*self.turns, user], [*self.images, *images],
                              system_prompt=self.args.system)
         [result] = self.decoder.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
-                                         self.stop_ids, seed=self.args.seed)
+                                         self.stop_ids, seed=self.args.seed, on_token=on_token)
         text = detokenize(self.tokenizer, result.token_ids)
         self.turns += [user, Turn("assistant", text)]
         self.images += images
@@ -106,8 +132,13 @@ class Chat:
         return {"prompt_token_ids": prompt.tokens.tolist(), "generated_token_ids": result.token_ids, "text": text,
                 "finish_reason": result.finish_reason}
 
-    def show(self, reply: dict) -> None:
-        print(json.dumps(reply) if self.args.json else reply["text"], flush=True)
+    def reply(self, message: str, images: Sequence[str]) -> None:
+        """Answers ``message`` on stdout: streamed text, or one JSON line once the reply is complete."""
+        if self.args.json:
+            print(json.dumps(self.answer(message, images)), flush=True)
+            return
+        stream = TextStream(self.tokenizer, sys.stdout)
+        stream.finish(self.answer(message, images, stream)["text"])
 
 
 def _interactive(chat: Chat) -> None:
@@ -126,7 +157,7 @@ def _interactive(chat: Chat) -> None:
         if not line.strip():
             continue
         try:
-            chat.show(chat.answer(line, pending))
+            chat.reply(line, pending)
         except (DataError, GenerationError) as e:  # this message is dropped; the conversation goes on
             print(f"error: {e}", file=sys.stderr)
         pending = []
@@ -143,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.prompt is None:
             _interactive(chat)
         else:
-            chat.show(chat.answer(args.prompt, args.image))
+            chat.reply(args.prompt, args.image)
     except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def by_length(items: Sequence, length: Callable[[Any], int], batch_size: int) ->
 class HarnessModel:
     """A checkpoint (converted or a training workdir's newest step) replicated over this host's devices."""
 
-    def __init__(self, ckpt: str, dtype: str = "float32", batch_size: int | str = 8, max_length: int | None = None,
+    def __init__(self, ckpt: str, dtype: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, seed: int = 0) -> None:
         try:
             batch_size = int(batch_size)
@@ -53,7 +53,7 @@ class HarnessModel:
             raise ConfigError(f"--batch_size must be a number for the wings_jax model, got {batch_size!r}") from None
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be positive, got {batch_size}")
-        if dtype not in ("float32", "bfloat16"):
+        if dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(f"model_args dtype must be float32 or bfloat16, got {dtype!r}")
         mesh = make_mesh(devices=jax.local_devices())
         per_step = mesh.devices.size

@@ -1,4 +1,4 @@
-"""Batched generation with a WingsModel: prompts -> padded batch -> prefill -> one extend per new token.
+"""Batched generation with a WingsModel: prompts -> padded batch -> prefill -> blocks of extend steps on device.
 
     engine = Engine(model)
     prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\\nWhat is it?")], ["cat.jpg"])
@@ -7,7 +7,7 @@
 Prompts of different lengths share one right-padded batch; every row continues at its own length
 (the cache slot of a token is its position). Shapes are fixed for a whole call: the prompt batch is
 padded to a bucketed length and the cache holds that length plus ``max_new_tokens``, so the prefill
-compiles once per bucket and the per-token step once per cache size.
+compiles once per bucket and the block of decode steps once per cache size.
 
 ``recompute=True`` instead runs the full teacher-forced forward on the growing sequence at every step
 (also at fixed shapes). It is how ``mixing='reference'`` models decode (their forward is only defined
@@ -77,10 +77,19 @@ class Generation:
 # prompts and batches
 
 
-def load_for_inference(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None
+def inference_dtype(dtype: str | None = None) -> str:
+    """``dtype``, or when None the default for this backend: bfloat16 on accelerators (their fast path, half
+    the bytes per token), float32 on CPU (no bf16 speed-up there; parity with float32 references)."""
+    if dtype is not None:
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
                        ) -> tuple[WingsModel, Any]:
-    """The model (parameters stored and computed in ``dtype``; with a ``mesh``, replicated on each of its
-    devices) and tokenizer of a checkpoint or workdir."""
+    """The model (parameters stored and computed in ``dtype``, default :func:`inference_dtype`; with a
+    ``mesh``, replicated on each of its devices) and tokenizer of a checkpoint or workdir."""
+    dtype = inference_dtype(dtype)
     if not epath.Path(path).exists():
         raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
                               "(python -m wings_jax.convert import-hf ...) or a training workdir")
@@ -147,10 +156,16 @@ def pad_prompts(prompts: Sequence[Prompt], length: int) -> dict[str, np.ndarray]
 # sampling
 
 
+# top-k up to this many is served from jax.lax.top_k candidates instead of a sort of the whole vocabulary
+TOP_K_CANDIDATES = 64
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Array:
     """Next tokens (B,) from last-position logits (B, V): greedy, or top-k then top-p, then a draw.
 
-    ``settings`` is ``Sampling.values()`` (traced inside the jitted steps).
+    ``settings`` is ``Sampling.values()`` (traced inside the jitted steps, so every setting shares one
+    compilation). Only what the settings need runs: an argmax when greedy, no ordering without top-k or
+    top-p, the top ``TOP_K_CANDIDATES`` when top-k is at most that, a full sort otherwise.
     """
     logits = logits.astype(jnp.float32)
     temperature, top_k, top_p = settings
@@ -158,15 +173,25 @@ def sample_tokens(logits: jax.Array, key: jax.Array, settings: tuple) -> jax.Arr
     def draw():
         scaled = logits / jnp.maximum(temperature, 1e-6)
         vocab = scaled.shape[-1]
-        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-        rank = jnp.arange(vocab)[None]
-        in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        # top-p over what top-k keeps: the most likely tokens until their mass reaches top_p (at least one)
-        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
-        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        return jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
+        candidates = min(TOP_K_CANDIDATES, vocab)
+
+        def cutoff(ordered):
+            """The smallest kept logit, from the (B, n) largest ones in descending order."""
+            rank = jnp.arange(ordered.shape[-1])[None]
+            in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+            # top-p over what top-k keeps: the most likely tokens until their mass reaches top_p (at least one)
+            probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            keep = in_top_k & ((mass_before < top_p) | (top_p >= 1))
+            return jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+
+        branch = jnp.where((top_k == 0) & (top_p >= 1), 0, jnp.where((top_k > 0) & (top_k <= candidates), 1, 2))
+        threshold = jax.lax.switch(branch, [
+            lambda: jnp.full((scaled.shape[0], 1), -jnp.inf),
+            lambda: cutoff(jax.lax.top_k(scaled, candidates)[0]),
+            lambda: cutoff(jnp.sort(scaled, axis=-1)[:, ::-1]),
+        ])
+        return jax.random.categorical(key, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1)
 
     return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
@@ -182,7 +207,7 @@ def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
 
 class _Steps(NamedTuple):
     prefill: Callable
-    extend: Callable
+    extend_block: Callable
     recompute: Callable
     forward: Callable
     option_scores: Callable
@@ -198,12 +223,28 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
         logits, cache = nnx.merge(graphdef, state).prefill(batch, max_length, logits_at=lengths - 1)
         return sample_tokens(logits[:, 0], jax.random.fold_in(key, 0), settings), cache
 
-    def extend(state, cache, tokens, positions, step, key, settings):
-        """Feeds the tokens of step ``step - 1`` at ``positions`` and samples step ``step``; also returns
-        the next step's positions and number, so the host never sends either."""
-        logits, cache = nnx.merge(graphdef, state).extend(tokens[:, None], positions[:, None], cache)
-        tokens = sample_tokens(logits[:, 0], jax.random.fold_in(key, step), settings)
-        return tokens, cache, positions + 1, step + 1
+    def extend_block(state, cache, tokens, positions, step, done, key, settings, stop_ids, num_steps, block):
+        """Up to ``num_steps`` (<= ``block``) steps on device: each feeds the tokens of step ``step - 1`` at
+        ``positions`` and samples step ``step``. Stops early once every row has sampled a stop token
+        (``done``); returns the sampled tokens (block, B) of which the first ``count`` rows are real, and
+        the carry of the next block, so the host sends nothing between blocks."""
+        model = nnx.merge(graphdef, state)
+
+        def body(carry):
+            i, out, tokens, cache, positions, step, done = carry
+            logits, cache = model.extend(tokens[:, None], positions[:, None], cache)
+            tokens = sample_tokens(logits[:, 0], jax.random.fold_in(key, step), settings)
+            done = done | jnp.isin(tokens, stop_ids)
+            return i + 1, out.at[i].set(tokens), tokens, cache, positions + 1, step + 1, done
+
+        def more(carry):
+            i, *_, done = carry
+            return (i < num_steps) & ~jnp.all(done)
+
+        out = jnp.zeros((block, tokens.shape[0]), jnp.int32)
+        count, out, tokens, cache, positions, step, done = jax.lax.while_loop(
+            more, body, (jnp.int32(0), out, tokens, cache, positions, step, done))
+        return out, count, tokens, cache, positions, step, done
 
     def recompute(state, batch, lengths, key, step, settings):
         return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), jax.random.fold_in(key, step),
@@ -228,7 +269,7 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
 
     return _Steps(prefill=jax.jit(prefill, static_argnames=("max_length",)),
                   # the old cache is dead after a step: donating it lets XLA update it in place
-                  extend=jax.jit(extend, donate_argnames=("cache",)),
+                  extend_block=jax.jit(extend_block, static_argnames=("block",), donate_argnames=("cache",)),
                   recompute=jax.jit(recompute), forward=jax.jit(forward), option_scores=jax.jit(option_scores),
                   vision=jax.jit(vision))
 
@@ -255,6 +296,11 @@ def continuation_batch(rows: Sequence[tuple[Prompt, int]], batch_size: int
     return batch, (at, targets, valid)
 
 
+# Cached decode steps run on device per dispatch (one jitted while loop): small models are not bound by the
+# launches, and a row's stream reaches the host a block at a time.
+STEPS_PER_DISPATCH = 16
+
+
 class Engine:
     """Generation and teacher-forced logits for one model.
 
@@ -264,6 +310,7 @@ class Engine:
 
     def __init__(self, model: WingsModel, mesh: jax.sharding.Mesh | None = None):
         self.cfg = model.cfg
+        self.steps_per_dispatch = STEPS_PER_DISPATCH
         graphdef, self.state = nnx.split(model)
         self._steps = _steps(graphdef)
         self._mesh = mesh
@@ -311,10 +358,12 @@ class Engine:
         return self._steps.vision(self.state, images)
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None) -> list[Generation]:
+                 stop_ids: Sequence[int] = (), seed: int = 0, recompute: bool | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
         """Generates up to ``max_new_tokens`` per prompt; a row stops at its first token in ``stop_ids``.
 
         ``recompute=None`` picks the cached path unless the model's mixing needs recomputation.
+        ``on_token(row, token)`` sees each kept token as soon as it reaches the host (to stream the reply).
         """
         if not prompts:
             raise GenerationError("no prompts to generate from")
@@ -330,26 +379,31 @@ class Engine:
         elif not recompute and self.must_recompute:
             raise GenerationError("mixing='reference' models decode only by recomputation (recompute=True)")
         steps = (self._recompute_steps if recompute else self._cached_steps)(
-            prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed))
-        return _collect(steps, len(prompts), set(stop_ids))
+            prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed), stop_ids)
+        return _collect(steps, len(prompts), set(stop_ids), on_token)
 
-    def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
+    def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
         max_length = batch["tokens"].shape[1] + max_new_tokens
         tokens, cache = self._steps.prefill(self.state, *self._place((batch, lengths)), key, settings,
                                             max_length=max_length)
+        stops = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
         # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
-        positions, step = jnp.asarray(lengths), jnp.asarray(1, jnp.int32)
-        for _ in range(1, max_new_tokens):
-            # One step in flight: step s is dispatched before the host waits for step s - 1's tokens, so
-            # the device never idles while the caller checks for stop tokens (at worst one step is wasted).
-            following, cache, positions, step = self._steps.extend(self.state, cache, tokens, positions, step, key,
-                                                                   settings)
-            yield np.asarray(tokens)
-            tokens = following
-        yield np.asarray(tokens)
+        positions, step, done = jnp.asarray(lengths), jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
+        pending, remaining = (tokens[None], 1), max_new_tokens - 1
+        while remaining > 0:
+            # One block in flight: block k is dispatched before the host reads block k - 1's tokens, so the
+            # device never idles while the caller looks at them. The step count is data: no recompilation.
+            num_steps = min(self.steps_per_dispatch, remaining)
+            out, count, tokens, cache, positions, step, done = self._steps.extend_block(
+                self.state, cache, tokens, positions, step, done, key, settings, stops, np.int32(num_steps),
+                block=self.steps_per_dispatch)
+            remaining -= num_steps
+            yield from _block_rows(*pending)
+            pending = (out, count)
+        yield from _block_rows(*pending)
 
-    def _recompute_steps(self, prompts, lengths, max_new_tokens, settings, key) -> Iterator[np.ndarray]:
+    def _recompute_steps(self, prompts, lengths, max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
         # One buffer for the whole call: every step is the same shape (finished rows keep growing too).
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())) + max_new_tokens)
         if "images" in batch and self.cfg.vision is not None:  # the tower runs once, not at every step
@@ -363,7 +417,13 @@ class Engine:
             lengths += 1
 
 
-def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> list[Generation]:
+def _block_rows(out: jax.Array, count: jax.Array) -> Iterator[np.ndarray]:
+    """The tokens (B,) of each step a block ran (the first ``count`` of its ``out`` rows)."""
+    yield from np.asarray(out)[:int(count)]
+
+
+def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int],
+             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
     """Per-row tokens until a stop token or the last step; stops pulling steps when every row is done."""
     out: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
@@ -375,6 +435,8 @@ def _collect(steps: Iterator[np.ndarray], batch: int, stop_ids: set[int]) -> lis
                 reasons[row] = "stop"
             else:
                 out[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
         if all(r is not None for r in reasons):
             break
     return [Generation(ids, reason or "length") for ids, reason in zip(out, reasons)]

@@ -44,7 +44,7 @@ from wings_jax.harness import HarnessModel, hand_over, settings_groups
 class WingsLM(TemplateLM):
     """lm-eval's ``LM`` over a wings_jax checkpoint (see the module docstring)."""
 
-    def __init__(self, ckpt: str, dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256,
+    def __init__(self, ckpt: str, dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
                  seed: int = 0) -> None:
         super().__init__()

@@ -39,7 +39,7 @@ class WingsLMMS(lmms):
 
     is_simple = True
 
-    def __init__(self, ckpt: str, dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256,
+    def __init__(self, ckpt: str, dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
                  seed: int = 0) -> None:
         super().__init__()
