@@ -8,7 +8,8 @@ registers the model ``wings_jax`` with lmms-eval and hands the command line over
 (``pip install 'wings_jax[lmms]'``). Every request is one user turn of Wings' ChatML conversation (the
 system prompt first, one ``<image>`` line per image before the text unless the text places them), its
 images read by ``wings_jax.data.images`` (padded to squares, resized, normalised) and encoded by the
-tower; ``loglikelihood`` scores the continuation after the assistant header, ``generate_until`` decodes
+tower; ``loglikelihood`` scores the continuation after the assistant header (as lmms-eval's own models do:
+its mean negative log-likelihood per token, see :meth:`WingsLMMS.loglikelihood`), ``generate_until`` decodes
 there. Batching, devices and reference-mode checkpoints are as in ``python -m wings_jax.lm_eval``.
 
 Several hosts: lmms-eval distributes requests with torch.distributed (``WORLD_SIZE``, ``RANK``,
@@ -21,6 +22,7 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models import MODEL_REGISTRY_V2
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -59,19 +61,27 @@ class WingsLMMS(lmms):
         return encode_chat(engine.cfg, engine.tokenizer,
                            [Turn("user", with_image_placeholders(context, len(images)))], images)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """(loss, whether every continuation token is the greedy choice) per request, where the loss is the
+        continuation's mean negative log-likelihood per token: lmms-eval's multiple-choice scoring picks the
+        option of least value (its LLaVA model returns this loss), so its ``acc`` is ``wings_jax.evaluate
+        --score mean``. Each pair is wrapped in a ``GenerationResult``: lmms-eval 0.7.3 turns any other
+        non-string response into its ``str()``, which its scoring cannot unpack."""
         rows = []
         for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
             doc, where = self._doc(doc_id, task, split), f"{task}/{split}/{doc_id}"
             continuation = target(doc) if callable(target) else target
             prompt = self.engine.decoder.with_image_features(self._prompt(context, doc_to_visual(doc), where))
             ids = np.asarray(self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
+            if not len(ids):
+                raise GenerationError(f"{where}: the continuation {continuation!r} has no tokens to score")
             if len(prompt.tokens) + len(ids) > self.engine.max_length + 1:
                 raise GenerationError(f"{where}: {len(prompt.tokens) + len(ids)} tokens with the continuation, "
                                       f"more than max_length={self.engine.max_length} + 1; raise model_args max_length")
             rows.append((with_continuation(prompt, ids), len(ids)))
         with tqdm(total=len(rows), desc="loglikelihood", disable=self.rank != 0) as bar:
-            return self.engine.score(rows, bar.update)
+            scores = self.engine.score(rows, bar.update)
+        return [GenerationResult((-total / k, greedy)) for (total, greedy), (_, k) in zip(scores, rows)]
 
     def generate_until(self, requests) -> list[str]:
         groups = settings_groups([req.args[1] for req in requests])  # one generation setting per batch
