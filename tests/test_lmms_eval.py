@@ -1,6 +1,6 @@
 """lmms-eval: image requests go through Wings' ChatML prompt, the real image preprocessing and the tower;
 greedy generations of a local image task equal the decoder's own, a local multiple-choice image task scores as
-wings_jax.evaluate (per-token mean).
+wings_jax.evaluate (per-token mean), two local processes give one process's samples.
 Needs the `lmms` extra (lmms-eval, hence torchvision); skipped where it does not import."""
 import glob
 import json
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jax_env import xla_flags
+from local_ports import free_port
 
 pytest.importorskip("lmms_eval.evaluator")
 
@@ -94,3 +95,35 @@ def test_multiple_choice_scores_equal_evaluate(run, tmp_path):
     with open(path) as f:
         accuracy = json.load(f)["results"]["wings_mm_mc"]["acc,none"]
     assert accuracy == accuracy_report(questions, expected)["accuracy"]
+
+
+def test_two_processes_give_one_process_samples(run, tmp_path):
+    """Each process is one lmms-eval rank (torchrun's variables) with a share of the documents; rank 0 gathers
+    every sample and alone writes the results."""
+    ckpt, single = run
+    port = str(free_port())
+    outs = [str(tmp_path / f"rank{i}") for i in range(2)]
+    processes = [subprocess.Popen(_command(ckpt, outs[i], ("wings_mm_mc",)), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=_env(1, WORLD_SIZE="2", RANK=str(i), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for i in range(2)]
+    texts = [p.communicate(timeout=900)[0] for p in processes]
+    for p, text in zip(processes, texts):
+        assert p.returncode == 0 and "Error during evaluation" not in text, text
+    assert "on rank 1" in texts[1]
+    a, b = _losses(_samples(outs[0], "wings_mm_mc")), _losses(_samples(single, "wings_mm_mc"))
+    assert a.keys() == b.keys()
+    for doc in a:
+        np.testing.assert_allclose(a[doc], b[doc], atol=1e-5, err_msg=str(doc))
+    assert not glob.glob(os.path.join(outs[1], "*"))
+
+
+def test_several_hosts_need_torchruns_variables(monkeypatch, capsys):
+    from wings_jax.lmms_eval import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--model_args", "ckpt=unused", "--tasks", "wings_mm_mc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: WORLD_SIZE=2 needs RANK, MASTER_ADDR, MASTER_PORT set too (torchrun sets them all)"

@@ -12,12 +12,17 @@ tower; ``loglikelihood`` scores the continuation after the assistant header (as 
 its mean negative log-likelihood per token, see :meth:`WingsLMMS.loglikelihood`), ``generate_until`` decodes
 there. Batching, devices and reference-mode checkpoints are as in ``python -m wings_jax.lm_eval``.
 
-Several hosts: lmms-eval distributes requests with torch.distributed (``WORLD_SIZE``, ``RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``; it starts a gloo group itself). Start one process per host with those
-set; each scores its share on its own devices with a full copy of the parameters.
+Several hosts (a pod slice), the choice of ``python -m wings_jax.lm_eval``: each host is one lmms-eval rank that
+scores its share of the documents on its own devices with a full copy of the parameters; rank 0 gathers the
+samples and writes the results. lmms-eval gathers with torch.distributed, so the ranks are torchrun's
+(``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), on every host::
+
+    torchrun --nnodes N --node_rank I --nproc_per_node 1 --master_addr HOST0 --master_port 29500 \\
+        -m wings_jax.lmms_eval --model_args ckpt=CKPT ...
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Sequence
 
@@ -29,6 +34,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
+from wings_jax.config import ConfigError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
@@ -40,6 +46,7 @@ class WingsLMMS(lmms):
     """lmms-eval's ``lmms`` over a wings_jax checkpoint (see the module docstring)."""
 
     is_simple = True
+    device = "cpu"  # where lmms-eval puts the tensors of its gloo collectives; the JAX work runs on this host's devices
 
     def __init__(self, ckpt: str, dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256,
                  batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
@@ -107,10 +114,24 @@ MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id="wings_jax", simple_c
                                     overwrite=True)
 
 
+def _join_hosts() -> None:
+    """With ``WORLD_SIZE`` > 1, the gloo group lmms-eval gathers over (CPU tensors whatever the host's devices:
+    left to lmms-eval, accelerate would take NCCL where torch sees a GPU)."""
+    import torch.distributed as dist
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == "1" or dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} needs {', '.join(missing)} set too (torchrun sets them all)")
+    dist.init_process_group("gloo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lmms_eval.__main__ import cli_evaluate
 
-    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv))
+    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv), before=_join_hosts)
 
 
 if __name__ == "__main__":
