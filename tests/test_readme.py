@@ -63,6 +63,10 @@ SUBSTITUTIONS = {
                        "sets cannot be downloaded here",
                        lambda c: "HF_DATASETS_OFFLINE=1 " + re.sub(r"--tasks \S+", "--tasks wings_mm_gen "
                                                                    "--include_path tests/lmms_eval_tasks", c)),
+    "one-host-torchrun": ("torchrun's N hosts -> one host, HOST0 -> 127.0.0.1 on a free port (no pod here)",
+                          lambda c: c.replace("--nnodes N --node_rank I", "--nnodes 1 --node_rank 0").replace(
+                              "--master_addr HOST0 --master_port 29500",
+                              f"--master_addr 127.0.0.1 --master_port {free_port()}")),
     "one-host-cluster": ("--distributed -> an explicit one-process cluster on 127.0.0.1 (no pod environment here to "
                          "describe the cluster)",
                          lambda c: c.replace("--distributed", "--coordinator_address 127.0.0.1:"
@@ -122,11 +126,14 @@ COMMANDS = {
         ("local-tasks",),
     "python -m wings_jax.lm_eval --distributed --model_args ckpt=gs://b/stage2,dtype=bfloat16 --tasks mmlu "
     "--batch_size 16 --output_path runs/retention": ("one-host-cluster", "gs-local", "local-tasks"),
-    "HF_DATASETS_OFFLINE=1 python -m wings_jax.lmms_eval --model_args ckpt=ckpt/wings --tasks wings_mm_gen "
+    "HF_DATASETS_OFFLINE=1 python -m wings_jax.lmms_eval --model_args ckpt=ckpt/wings --tasks wings_mm_gen,wings_mm_mc "
     "--include_path tests/lmms_eval_tasks --batch_size 4 --output_path runs/lmms_eval --log_samples": (),
     "python -m wings_jax.lmms_eval --model_args ckpt=ckpt/wings,dtype=bfloat16 --batch_size 8 --output_path "
     "runs/multimodal --tasks mmmu_val,mme,mmbench_en_dev,scienceqa_img,seedbench,ai2d,hallusion_bench_image":
         ("local-mm-tasks",),
+    "torchrun --nnodes N --node_rank I --nproc_per_node 1 --master_addr HOST0 --master_port 29500 -m "
+    "wings_jax.lmms_eval --model_args ckpt=ckpt/wings,dtype=bfloat16 --tasks mme --batch_size 8 --output_path "
+    "runs/multimodal": ("one-host-torchrun", "local-mm-tasks"),
     # launch/README.md
     'S="--project my-proj --zone us-east5-a --name wings-v5p"': (),
     "launch/tpu_pod.sh all $S --accelerator v5p-32 --config configs/finetune.py:main=gs://my-bucket/data/"

@@ -8,25 +8,33 @@ registers the model ``wings_jax`` with lmms-eval and hands the command line over
 (``pip install 'wings_jax[lmms]'``). Every request is one user turn of Wings' ChatML conversation (the
 system prompt first, one ``<image>`` line per image before the text unless the text places them), its
 images read by ``wings_jax.data.images`` (padded to squares, resized, normalised) and encoded by the
-tower; ``loglikelihood`` scores the continuation after the assistant header, ``generate_until`` decodes
+tower; ``loglikelihood`` scores the continuation after the assistant header (as lmms-eval's own models do:
+its mean negative log-likelihood per token, see :meth:`WingsLMMS.loglikelihood`), ``generate_until`` decodes
 there. Batching, devices and reference-mode checkpoints are as in ``python -m wings_jax.lm_eval``.
 
-Several hosts: lmms-eval distributes requests with torch.distributed (``WORLD_SIZE``, ``RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``; it starts a gloo group itself). Start one process per host with those
-set; each scores its share on its own devices with a full copy of the parameters.
+Several hosts (a pod slice), the choice of ``python -m wings_jax.lm_eval``: each host is one lmms-eval rank that
+scores its share of the documents on its own devices with a full copy of the parameters; rank 0 gathers the
+samples and writes the results. lmms-eval gathers with torch.distributed, so the ranks are torchrun's
+(``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), on every host::
+
+    torchrun --nnodes N --node_rank I --nproc_per_node 1 --master_addr HOST0 --master_port 29500 \\
+        -m wings_jax.lmms_eval --model_args ckpt=CKPT ...
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Sequence
 
 import numpy as np
+from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models import MODEL_REGISTRY_V2
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
+from wings_jax.config import ConfigError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.conversation import Turn
 from wings_jax.data.errors import DataError
@@ -38,6 +46,7 @@ class WingsLMMS(lmms):
     """lmms-eval's ``lmms`` over a wings_jax checkpoint (see the module docstring)."""
 
     is_simple = True
+    device = "cpu"  # where lmms-eval puts the tensors of its gloo collectives; the JAX work runs on this host's devices
 
     def __init__(self, ckpt: str, dtype: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
@@ -59,19 +68,27 @@ class WingsLMMS(lmms):
         return encode_chat(engine.cfg, engine.tokenizer,
                            [Turn("user", with_image_placeholders(context, len(images)))], images)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """(loss, whether every continuation token is the greedy choice) per request, where the loss is the
+        continuation's mean negative log-likelihood per token: lmms-eval's multiple-choice scoring picks the
+        option of least value (its LLaVA model returns this loss), so its ``acc`` is ``wings_jax.evaluate
+        --score mean``. Each pair is wrapped in a ``GenerationResult``: lmms-eval 0.7.3 turns any other
+        non-string response into its ``str()``, which its scoring cannot unpack."""
         rows = []
         for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
             doc, where = self._doc(doc_id, task, split), f"{task}/{split}/{doc_id}"
             continuation = target(doc) if callable(target) else target
             prompt = self.engine.decoder.with_image_features(self._prompt(context, doc_to_visual(doc), where))
             ids = np.asarray(self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
+            if not len(ids):
+                raise GenerationError(f"{where}: the continuation {continuation!r} has no tokens to score")
             if len(prompt.tokens) + len(ids) > self.engine.max_length + 1:
                 raise GenerationError(f"{where}: {len(prompt.tokens) + len(ids)} tokens with the continuation, "
                                       f"more than max_length={self.engine.max_length} + 1; raise model_args max_length")
             rows.append((with_continuation(prompt, ids), len(ids)))
         with tqdm(total=len(rows), desc="loglikelihood", disable=self.rank != 0) as bar:
-            return self.engine.score(rows, bar.update)
+            scores = self.engine.score(rows, bar.update)
+        return [GenerationResult((-total / k, greedy)) for (total, greedy), (_, k) in zip(scores, rows)]
 
     def generate_until(self, requests) -> list[str]:
         groups = settings_groups([req.args[1] for req in requests])  # one generation setting per batch
@@ -97,10 +114,24 @@ MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id="wings_jax", simple_c
                                     overwrite=True)
 
 
+def _join_hosts() -> None:
+    """With ``WORLD_SIZE`` > 1, the gloo group lmms-eval gathers over (CPU tensors whatever the host's devices:
+    left to lmms-eval, accelerate would take NCCL where torch sees a GPU)."""
+    import torch.distributed as dist
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == "1" or dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} needs {', '.join(missing)} set too (torchrun sets them all)")
+    dist.init_process_group("gloo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lmms_eval.__main__ import cli_evaluate
 
-    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv))
+    return hand_over(cli_evaluate, ["lmms-eval"], sys.argv[1:] if argv is None else list(argv), before=_join_hosts)
 
 
 if __name__ == "__main__":
