@@ -28,7 +28,8 @@ from wings_jax.convert.checkpoint import (
 )
 from wings_jax.convert.checksums import checksums
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import QwenConfig, Runtime
+from wings_jax.model.qwen import QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.training.checkpointing import Checkpointer
 

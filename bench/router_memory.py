@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wings_jax.model.learners import SideInputs, WingsBlock, WingsConfig
-from wings_jax.model.qwen import DecoderLayer, QwenConfig, Runtime
+from wings_jax.model.qwen import DecoderLayer, QwenConfig
+from wings_jax.model.runtime import Runtime
 
 
 def layer_memory(length: int, q_chunk: int, hidden: int, heads: int, mlp: int, image_tokens: int) -> dict:

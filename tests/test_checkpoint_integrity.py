@@ -18,7 +18,7 @@ from wings_jax.convert.checkpoint import (
 from wings_jax.convert.checksums import checksums
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.generate import main as generate_main
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.training.checkpointing import Checkpointer
 
 

@@ -23,7 +23,7 @@ from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
 from wings_jax.decoding import Decoder, GenerationError, Sampling, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TOKENIZER_VOCAB = 512

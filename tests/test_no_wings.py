@@ -17,7 +17,8 @@ from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.decoding import Decoder
 from wings_jax.flops import count_flops
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Qwen2, Runtime
+from wings_jax.model.qwen import Qwen2
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import flat_values, materialize, param_shapes
 from wings_jax.train import train

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from wings_jax.convert.checksums import ALGORITHM, checksums, mismatches, path_name
 from wings_jax.convert.hf_io import ConversionError, copy_tokenizer_files
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model
 

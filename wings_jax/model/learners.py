@@ -19,7 +19,8 @@ from flax import nnx, struct
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.layers import make_param, rotary_embedding, zeros_init
-from wings_jax.model.qwen import CacheView, QwenConfig, Runtime
+from wings_jax.model.qwen import CacheView, QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
 
 STAGES = ("pretrain", "finetune")
@@ -94,11 +95,11 @@ class LoRRALearner(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, rank: int, rt: Runtime, *, rngs: nnx.Rngs):
         if hidden % num_heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
-        self.num_heads, self.head_dim, self.dtype = num_heads, hidden // num_heads, rt.compute_dtype
+        self.num_heads, self.head_dim, self.dtype = num_heads, hidden // num_heads, rt.dtype
         a_init = jax.nn.initializers.truncated_normal(0.02)
         for name in "qkvo":
-            setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.storage_dtype))
-            setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.storage_dtype))
+            setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.param_dtype))
+            setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.param_dtype))
 
     def _low_rank(self, name: str, x: jax.Array) -> jax.Array:
         a = getattr(self, f"{name}_a")[...].astype(self.dtype)
@@ -130,8 +131,8 @@ class Router(nnx.Module):
         bound = 1.0 / math.sqrt(max_len)
         init = jax.nn.initializers.uniform(2 * bound)
         shifted = lambda key, shape, dtype: init(key, shape, dtype) - bound  # noqa: E731
-        self.weight = make_param(rngs, shifted, (max_len, 2), ("router_len", "router_out"), rt.storage_dtype)
-        self.bias = make_param(rngs, shifted, (2,), ("router_out",), rt.storage_dtype)
+        self.weight = make_param(rngs, shifted, (max_len, 2), ("router_len", "router_out"), rt.param_dtype)
+        self.bias = make_param(rngs, shifted, (2,), ("router_out",), rt.param_dtype)
 
     def rows(self, key_positions: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...].astype(jnp.float32), key_positions, axis=0, mode="clip")

@@ -20,10 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
@@ -46,33 +44,6 @@ class QwenConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """How the model computes, independent of its weights."""
-
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
-    attention: str = "xla"  # "xla" (chunked, linear memory), "cudnn" or "dot_product" (jax.nn.dot_product_attention)
-    remat: str = "none"  # per-layer policy, see layers.REMAT_POLICIES
-    scan_layers: bool = True
-    q_chunk: int = 512  # query chunk of the "xla" attention
-
-    def __post_init__(self):
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"runtime.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
-        if self.attention not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(f"runtime.attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return DTYPES[self.param_dtype]
 
 
 @struct.dataclass
@@ -132,7 +103,7 @@ class CacheView:
 class Attention(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q = Linear(h, (n, d), ("embed", "heads", "head_dim"), use_bias=True, **kw)
         self.k = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
@@ -158,7 +129,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.up = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
@@ -180,7 +151,7 @@ class DecoderLayer(nnx.Module):
     """
 
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, rt, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -212,7 +183,7 @@ class DecoderLayer(nnx.Module):
 class Qwen2(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
         self.cfg, self.rt = cfg, rt
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
         self.layers = stacked(
             lambda r: DecoderLayer(cfg, rt, rngs=r, side_factory=side_factory), cfg.num_layers, rngs
@@ -285,10 +256,10 @@ class Qwen2(nnx.Module):
     def output_kernel(self) -> jax.Array:
         """The LM head as an (hidden, vocab) matrix in the compute dtype (the embedding, when tied)."""
         kernel = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return kernel.astype(self.rt.compute_dtype)
+        return kernel.astype(self.rt.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.compute_dtype), self.output_kernel())
+        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.dtype), self.output_kernel())
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
@@ -304,7 +275,7 @@ class Qwen2(nnx.Module):
         """An empty cache; ``side_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
         cfg = self.cfg
         kv_shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-        layers = {"k": jnp.zeros(kv_shape, self.rt.compute_dtype), "v": jnp.zeros(kv_shape, self.rt.compute_dtype)}
+        layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
         for name, (shape, dtype) in (side_layers or {}).items():
             layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)
         zeros = jnp.zeros((batch, max_length), jnp.int32)

@@ -17,7 +17,8 @@ from wings_jax.data.constants import IMAGE_TOKEN_ID
 from wings_jax.data.images import normalize
 from wings_jax.model.learners import SideInputs, WingsBlock, WingsConfig
 from wings_jax.model.projector import Projector
-from wings_jax.model.qwen import DecodeCache, Qwen2, QwenConfig, Runtime, cache_slots, write_slots
+from wings_jax.model.qwen import DecodeCache, Qwen2, QwenConfig, cache_slots, write_slots
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig, SiglipVisionTower
 from wings_jax.sharding import constrain
 
@@ -113,7 +114,7 @@ class WingsModel(nnx.Module):
         num_image_tokens = self._num_image_tokens(batch)
         b = batch["tokens"].shape[0]
         llm, d = self.cfg.llm, self.cfg.llm.hidden_size // self.cfg.llm.num_heads
-        dtype = self.rt.compute_dtype
+        dtype = self.rt.dtype
         side = {}
         if self.cfg.wings.enabled:
             side.update(image_k=((b, num_image_tokens, llm.num_heads, d), dtype),

@@ -13,7 +13,7 @@ from ml_collections import config_dict
 from wings_jax.config import ConfigError
 from wings_jax.convert import checkpoint
 from wings_jax.data.pipeline import default_data_config
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModelConfig
 
 # Parameter groups of the original recipes (spec section 6). Patterns must be disjoint.
