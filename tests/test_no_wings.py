@@ -51,7 +51,7 @@ def test_equals_the_base_llm_with_images_placed():
     assert side is None  # nothing is computed for learners or routers
     llm = {k[len("llm/"):]: v for k, v in flat_values(nnx.state(model, nnx.Param)).items() if k.startswith("llm/")}
     base = materialize(lambda rngs: Qwen2(TINY_LLM, Runtime(), rngs=rngs), llm)
-    hidden, _ = base.decode(x, batch["positions"], batch["segment_ids"])
+    hidden, _ = base.hidden_states(x, batch["positions"], batch["segment_ids"])
     valid = np.asarray(batch["segment_ids"]) > 0
     diff = np.abs(np.asarray(model(batch)) - np.asarray(base.logits(hidden)))[valid].max()
     assert diff < 1e-6, diff

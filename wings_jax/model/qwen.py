@@ -5,7 +5,7 @@ Layers are stacked on a leading 'layers' axis and run with ``lax.scan``. A layer
 knows that the branch adds router value channels to the main attention and a residual update
 after it, so the plain language model and the Wings model share every line here.
 
-Entry points: ``embed_tokens``, ``decode`` (hidden states, optionally reading and writing a
+Entry points: ``embed_tokens``, ``hidden_states`` (hidden states, optionally reading and writing a
 :class:`DecodeCache`), ``logits`` and ``__call__`` (text-only forward).
 """
 from __future__ import annotations
@@ -196,7 +196,7 @@ class Qwen2(nnx.Module):
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
         return constrain(self.embed(ids), ("act_batch", "act_length", "act_embed"))
 
-    def decode(
+    def hidden_states(
         self,
         x: jax.Array,
         positions: jax.Array,
@@ -268,7 +268,7 @@ class Qwen2(nnx.Module):
             segments = jnp.ones(ids.shape, jnp.int32)
         if positions is None:
             positions = positions_from_segments(segments)
-        hidden, _ = self.decode(self.embed_tokens(ids), positions, segments)
+        hidden, _ = self.hidden_states(self.embed_tokens(ids), positions, segments)
         return self.logits(hidden)
 
     def init_cache(self, batch: int, max_length: int, side_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None) -> DecodeCache:

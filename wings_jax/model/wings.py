@@ -87,7 +87,7 @@ class WingsModel(nnx.Module):
     def hidden_states(self, batch: Batch) -> jax.Array:
         """Final-norm hidden states (B, L, H) of a teacher-forced batch."""
         x, side = self._inputs(batch, cache=None)
-        hidden, _ = self.llm.decode(x, batch["positions"], batch["segment_ids"], side_inputs=side,
+        hidden, _ = self.llm.hidden_states(x, batch["positions"], batch["segment_ids"], side_inputs=side,
                                     per_layer=jnp.asarray(self.layer_flags))
         return hidden
 
@@ -150,7 +150,7 @@ class WingsModel(nnx.Module):
     def _run_cached(self, batch: Batch, cache: DecodeCache, logits_at: jax.Array | None = None
                     ) -> tuple[jax.Array, DecodeCache]:
         x, side = self._inputs(batch, cache)
-        hidden, cache = self.llm.decode(x, batch["positions"], batch["segment_ids"], cache=cache,
+        hidden, cache = self.llm.hidden_states(x, batch["positions"], batch["segment_ids"], cache=cache,
                                         side_inputs=side, per_layer=jnp.asarray(self.layer_flags))
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
