@@ -47,11 +47,11 @@ def test_parameters_are_the_wings_model_without_its_branch():
 def test_equals_the_base_llm_with_images_placed():
     model = plain_model()
     batch = jnp_batch(make_batch([[5, 6, 7, "img", 8, 9], [5, 6, 7, 8, 9, 10, 11]], T, TINY_VISION.image_size, 16))
-    x, side = model._inputs(batch, cache=None)
-    assert side is None  # nothing is computed for learners or routers
+    x, attn, learners = model._inputs(batch, cache=None)
+    assert learners is None  # nothing is computed for learners or routers
     llm = {k[len("llm/"):]: v for k, v in flat_values(nnx.state(model, nnx.Param)).items() if k.startswith("llm/")}
     base = materialize(lambda rngs: Qwen2(TINY_LLM, Runtime(), rngs=rngs), llm)
-    hidden, _ = base.hidden_states(x, batch["positions"], batch["segment_ids"])
+    hidden, _ = base.hidden_states(x, attn)
     valid = np.asarray(batch["segment_ids"]) > 0
     diff = np.abs(np.asarray(model(batch)) - np.asarray(base.logits(hidden)))[valid].max()
     assert diff < 1e-6, diff

@@ -36,11 +36,11 @@ def test_fresh_model_equals_plain_llava_model():
     model = tiny_model(randomize_b=False)
     batch = _batch([ROWS["one_image"], ROWS["text"], ROWS["two_images"]])
     ours = model(batch)
-    x, _ = model._inputs(batch, cache=None)  # image features placed at their slots, as LLaVA does
+    x, attn, _ = model._inputs(batch, cache=None)  # image features placed at their slots, as LLaVA does
     llm_params = {k[len("llm/"):]: v for k, v in flat_values(nnx.state(model, nnx.Param)).items()
                   if k.startswith("llm/") and "/side/" not in k}
     plain = materialize(lambda rngs: Qwen2(TINY_LLM, Runtime(), rngs=rngs), llm_params)
-    hidden, _ = plain.hidden_states(x, batch["positions"], batch["segment_ids"])
+    hidden, _ = plain.hidden_states(x, attn)
     expected = plain.logits(hidden)
     valid = np.asarray(batch["segment_ids"]) > 0
     assert np.abs(np.asarray(ours) - np.asarray(expected))[valid].max() < 1e-6
