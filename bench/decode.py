@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from wings_jax.data.assemble import Prompt
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.decoding import Decoder, bucket_length
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import QwenConfig

@@ -8,7 +8,7 @@ from flax import nnx
 from hf_fixtures import make_qwen, right_padded_batch
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
 from wings_jax.convert.qwen_params import load_qwen
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.layers import rotary_embedding
 from wings_jax.model.cache import AttentionInputs
 from wings_jax.model.qwen import positions_from_segments

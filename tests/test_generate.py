@@ -18,7 +18,7 @@ from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_mode
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.convert.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
 from wings_jax.decoding import Decoder, GenerationError, Sampling, sample_tokens
 from wings_jax.generate import main as generate_main

@@ -12,7 +12,7 @@ from wings_jax.config import load_config
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.convert.checkpoint import load_model
 from wings_jax.data.assemble import Prompt
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.decoding import Decoder
 from wings_jax.flops import count_flops

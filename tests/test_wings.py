@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
-from wings_jax.data.images import normalize
+from wings_jax.model.inputs import normalize
 from wings_jax.model.qwen import Qwen2
 from wings_jax.model.runtime import Runtime
 from wings_jax.params import flat_values, materialize

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.qwen import QwenConfig
 from wings_jax.model.runtime import Runtime

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.data.constants import IMAGE_TOKEN_ID
-from wings_jax.data.images import normalize
 from wings_jax.model.cache import AttentionInputs, DecodeCache
+from wings_jax.model.inputs import IMAGE_TOKEN_ID, normalize
 from wings_jax.model.learners import LearnerInputs, WingsConfig, WingsDecoderLayer
 from wings_jax.model.projector import Projector
 from wings_jax.model.qwen import Qwen2, QwenConfig
@@ -73,7 +72,7 @@ class WingsModel(nnx.Module):
         """(B, I, S, S, 3) pixels -> (B, I, T, H) projected features.
 
         Pixels are uint8 (normalised here, on the device: 4x less to transfer than float32) or float
-        already normalised by `wings_jax.data.images.normalize`. The tower is frozen in every stage: its
+        already normalised by `wings_jax.model.inputs.normalize`. The tower is frozen in every stage: its
         output is cut from the gradient, so training never differentiates through it.
         ``precomputed=True`` takes tower outputs (B, I, T, D_vision).
         """
