@@ -28,7 +28,8 @@ from wings_jax.checkpoint import (
     save_model,
 )
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import QwenConfig, Runtime
+from wings_jax.model.qwen import QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TINY = WingsModelConfig(llm=QwenConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -31,7 +31,7 @@ from wings_jax.convert.wings_params import build_from_hf
 from wings_jax.data.assemble import Prompt
 from wings_jax.inference import Engine
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 
 SHAPES = {
     "issue": dict(vocab_size=16000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,

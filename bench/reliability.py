@@ -27,7 +27,8 @@ from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import QwenConfig, Runtime
+from wings_jax.model.qwen import QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.train import main as train_main

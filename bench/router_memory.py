@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.model.learners import SideInputs, WingsBlock, WingsConfig
-from wings_jax.model.qwen import DecoderLayer, QwenConfig, Runtime
+from wings_jax.model.cache import AttentionInputs
+from wings_jax.model.learners import LearnerInputs, WingsConfig, WingsDecoderLayer
+from wings_jax.model.qwen import QwenConfig
+from wings_jax.model.runtime import Runtime
 
 
 def layer_memory(length: int, q_chunk: int, hidden: int, heads: int, mlp: int, image_tokens: int) -> dict:
@@ -27,8 +29,7 @@ def layer_memory(length: int, q_chunk: int, hidden: int, heads: int, mlp: int, i
                      num_kv_heads=heads)
     rt = Runtime(dtype="bfloat16", param_dtype="bfloat16", q_chunk=q_chunk or length)
     wings = WingsConfig(stage="finetune", lora_rank=64, router_max_len=max(length, 4096))
-    make = lambda: DecoderLayer(llm, rt, rngs=nnx.Rngs(0),  # noqa: E731
-                                side_factory=lambda r: WingsBlock(llm, wings, rt, rngs=r))
+    make = lambda: WingsDecoderLayer(llm, wings, rt, rngs=nnx.Rngs(0))  # noqa: E731
     graphdef, params = nnx.split(nnx.eval_shape(make))
     b = 1
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
@@ -37,13 +38,13 @@ def layer_memory(length: int, q_chunk: int, hidden: int, heads: int, mlp: int, i
     def loss(params, x, image_feats):
         layer = nnx.merge(graphdef, params)
         image_pos = jnp.broadcast_to(jnp.arange(image_tokens), (b, image_tokens))
-        side = SideInputs(
-            positions=positions, segments=segments, image_feats=image_feats, image_positions=image_pos,
+        learners = LearnerInputs(
+            image_feats=image_feats, image_positions=image_pos,
             image_mask_pos=image_pos, image_segments=jnp.ones((b, image_tokens), jnp.int32),
             image_query_segments=segments, text_feats=x, text_query_mask_pos=positions,
             text_key_mask_pos=positions, text_key_segments=segments, repeats=jnp.ones((b, 2)),
         )
-        y, _ = layer(x, positions, segments, None, None, positions, segments, side, jnp.bool_(True))
+        y, _ = layer(x, AttentionInputs.build(positions, segments), None, learners, jnp.bool_(True))
         return jnp.sum(y.astype(jnp.float32))
 
     x = jax.ShapeDtypeStruct((b, length, hidden), jnp.bfloat16)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wings_jax import sharding
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.model.layers import REMAT_POLICIES
 from wings_jax.training.plan import initial_state, plan

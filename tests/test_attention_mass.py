@@ -8,8 +8,9 @@ from flax import nnx
 from hf_fixtures import make_qwen, right_padded_batch
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
 from wings_jax.convert.qwen_params import load_qwen
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.layers import rotary_embedding
+from wings_jax.model.cache import AttentionInputs
 from wings_jax.model.qwen import positions_from_segments
 
 T = (TINY_VISION.image_size // TINY_VISION.patch_size) ** 2
@@ -26,8 +27,8 @@ def test_qwen2_mass_equals_transformers_attention_probabilities(tmp_path):
     expected = np.stack([np.einsum("bhqk,bkg->bqg", a.numpy(), groups) for a in out.attentions])
     model = load_qwen(str(tmp_path))
     segments = jnp.asarray(mask)
-    ours = model.attention_mass(model.embed_tokens(jnp.asarray(ids)), positions_from_segments(segments), segments,
-                                jnp.asarray(groups))
+    inputs = AttentionInputs.build(positions_from_segments(segments), segments, key_groups=jnp.asarray(groups))
+    ours = model.attention_mass(model.embed_tokens(jnp.asarray(ids)), inputs)
     assert ours.shape == (2, 2, 11, 3)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours)[:, valid], expected[:, valid], atol=1e-5)
@@ -35,7 +36,7 @@ def test_qwen2_mass_equals_transformers_attention_probabilities(tmp_path):
 
 def _explicit_first_layer_mass(model, batch, groups):
     """Layer 0's probabilities written out: its input is the embedded sequence, whatever the learners do."""
-    x, _ = model._inputs(batch, cache=None)
+    x = model._inputs(batch, cache=None)[0]
     graphdef, state = nnx.split(model.llm.layers)
     layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
     h = layer.input_norm(x)

@@ -18,7 +18,7 @@ from wings_jax.checkpoint import (
 )
 from wings_jax.evaluate import main as evaluate_main
 from wings_jax.generate import main as generate_main
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 
 
 def overwrite_bytes(item_dir: str) -> str:

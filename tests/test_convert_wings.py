@@ -16,7 +16,7 @@ from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import load_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.convert.wings_params import import_wings
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.qwen import positions_from_segments
 
 SIZE, TOKENS = 56, 16  # tiny released tower: 56 px, patch 14 -> 16 tokens per image

@@ -19,12 +19,12 @@ from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_mode
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
 from wings_jax.inference import Engine, GenerationError, Sampling, load_for_inference, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TOKENIZER_VOCAB = 512

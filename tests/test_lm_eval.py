@@ -20,7 +20,7 @@ from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import save_model
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 pytest.importorskip("lm_eval")

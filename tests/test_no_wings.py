@@ -12,12 +12,13 @@ from wings_jax.config import load_config
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import load_model
 from wings_jax.data.assemble import Prompt
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.inference import Engine
 from wings_jax.flops import count_flops
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Qwen2, Runtime
+from wings_jax.model.qwen import Qwen2
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import flat_values, materialize, param_shapes
 from wings_jax.training.loop import train
@@ -46,11 +47,11 @@ def test_parameters_are_the_wings_model_without_its_branch():
 def test_equals_the_base_llm_with_images_placed():
     model = plain_model()
     batch = jnp_batch(make_batch([[5, 6, 7, "img", 8, 9], [5, 6, 7, 8, 9, 10, 11]], T, TINY_VISION.image_size, 16))
-    x, side = model._inputs(batch, cache=None)
-    assert side is None  # nothing is computed for learners or routers
+    x, attn, learners = model._inputs(batch, cache=None)
+    assert learners is None  # nothing is computed for learners or routers
     llm = {k[len("llm/"):]: v for k, v in flat_values(nnx.state(model, nnx.Param)).items() if k.startswith("llm/")}
     base = materialize(lambda rngs: Qwen2(TINY_LLM, Runtime(), rngs=rngs), llm)
-    hidden, _ = base.decode(x, batch["positions"], batch["segment_ids"])
+    hidden, _ = base.hidden_states(x, attn)
     valid = np.asarray(batch["segment_ids"]) > 0
     diff = np.abs(np.asarray(model(batch)) - np.asarray(base.logits(hidden)))[valid].max()
     assert diff < 1e-6, diff

@@ -12,7 +12,8 @@ from flax import nnx
 from hf_fixtures import make_qwen, right_padded_batch, torch_logits
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.convert.qwen_params import load_qwen, qwen_config_from_hf
-from wings_jax.model.qwen import Runtime, positions_from_segments
+from wings_jax.model.qwen import positions_from_segments
+from wings_jax.model.runtime import Runtime
 
 VOCAB = 160
 

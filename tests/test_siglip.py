@@ -28,7 +28,7 @@ from wings_jax.convert.siglip_params import (
     siglip_rules,
 )
 from wings_jax.model.projector import Projector
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig, SiglipVisionTower
 from wings_jax.params import abstract_model, flat_values, flat_variables, materialize, param_shapes
 from wings_jax.sharding import DEFAULT_RULES

@@ -1,4 +1,7 @@
 """Properties of the Wings model in its (default) corrected semantics."""
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
-from wings_jax.data.images import normalize
-from wings_jax.model.qwen import Qwen2, Runtime
+from wings_jax.model.inputs import normalize
+from wings_jax.model.qwen import Qwen2
+from wings_jax.model.runtime import Runtime
 from wings_jax.params import flat_values, materialize
 
 T = (TINY_VISION.image_size // TINY_VISION.patch_size) ** 2
@@ -35,11 +39,11 @@ def test_fresh_model_equals_plain_llava_model():
     model = tiny_model(randomize_b=False)
     batch = _batch([ROWS["one_image"], ROWS["text"], ROWS["two_images"]])
     ours = model(batch)
-    x, _ = model._inputs(batch, cache=None)  # image features placed at their slots, as LLaVA does
+    x, attn, _ = model._inputs(batch, cache=None)  # image features placed at their slots, as LLaVA does
     llm_params = {k[len("llm/"):]: v for k, v in flat_values(nnx.state(model, nnx.Param)).items()
                   if k.startswith("llm/") and "/side/" not in k}
     plain = materialize(lambda rngs: Qwen2(TINY_LLM, Runtime(), rngs=rngs), llm_params)
-    hidden, _ = plain.decode(x, batch["positions"], batch["segment_ids"])
+    hidden, _ = plain.hidden_states(x, attn)
     expected = plain.logits(hidden)
     valid = np.asarray(batch["segment_ids"]) > 0
     assert np.abs(np.asarray(ours) - np.asarray(expected))[valid].max() < 1e-6
@@ -217,3 +221,10 @@ def test_reference_mode_refuses_several_images_per_row():
     model(jnp_batch(make_batch([ROWS["one_image"], ROWS["text"]], T, SIZE, 24, max_images=1)))  # one slot: runs
     with pytest.raises(ValueError, match="mixing='reference' handles one image per row.*2 image slots"):
         model(_batch([ROWS["two_images"]]))
+
+
+def test_the_model_does_not_import_the_data_pipeline():
+    """Data depends on the model's input conventions (model/inputs.py), never the reverse."""
+    code = "import sys, wings_jax.model.wings; print(sorted(m for m in sys.modules if m.startswith('wings_jax.data')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

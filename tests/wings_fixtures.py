@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import QwenConfig, Runtime
+from wings_jax.model.qwen import QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from wings_jax.convert.hf_io import ConversionError
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model
 

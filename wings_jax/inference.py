@@ -34,7 +34,7 @@ from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, I
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.sharding import batch_sharding
 

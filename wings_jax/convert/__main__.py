@@ -16,7 +16,7 @@ from wings_jax.checkpoint import copy_tokenizer_files, load_model, save_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.convert.wings_params import build_from_hf, export_hf_llm, export_wings, import_wings
 from wings_jax.model.learners import MIXINGS, STAGES, WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 
 DTYPE_CHOICES = ("source", "float32", "bfloat16", "float16")
 

@@ -5,7 +5,8 @@ from typing import Any, Mapping
 
 from wings_jax.convert.hf_io import ConversionError, SafetensorsReader, read_config, rope_theta_of, rope_type_of
 from wings_jax.convert.mapping import BIAS, COPY, LINEAR, TensorRule, import_tensors
-from wings_jax.model.qwen import QwenConfig, Qwen2, Runtime
+from wings_jax.model.qwen import QwenConfig, Qwen2
+from wings_jax.model.runtime import Runtime
 from wings_jax.params import abstract_model, materialize, param_shapes
 
 QWEN_MODEL_TYPES = ("qwen2",)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from wings_jax.convert.hf_io import ConversionError, SafetensorsReader, read_config
 from wings_jax.convert.mapping import BIAS, CONV, COPY, LINEAR, TensorRule, import_tensors
 from wings_jax.model.projector import PROJECTOR_KINDS
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig, SiglipVisionTower
 from wings_jax.params import abstract_model, materialize, param_shapes
 

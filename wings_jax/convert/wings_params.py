@@ -25,7 +25,7 @@ from wings_jax.convert.siglip_params import (
     siglip_config_to_hf, siglip_ignored, siglip_rules, vision_dict,
 )
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import DTYPES, Runtime
+from wings_jax.model.runtime import DTYPES, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import (
     LEARNERS, LLM, PROJECTOR, ROUTER, VISION, abstract_model, flat_values, materialize, param_shapes,

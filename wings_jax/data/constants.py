@@ -1,8 +1,4 @@
-"""Constants shared by the data pipeline and the model."""
-
-# Token id of an image slot. Each image fills `tokens_per_image` consecutive slots of this id;
-# the model replaces them with the projected vision features. Same value as the original code.
-IMAGE_TOKEN_ID = -200
+"""Constants of the data pipeline (the image slot id is the model's: `wings_jax.model.inputs`)."""
 
 # Label of a position that is not trained (the usual PyTorch / Hugging Face ignore index).
 IGNORE_ID = -100

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
-from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID, IM_END, IM_START, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
+
+from .constants import DEFAULT_SYSTEM_PROMPT, IGNORE_ID, IM_END, IM_START, IMAGE_PLACEHOLDER
 from .errors import BadRecordError
 
 if TYPE_CHECKING:

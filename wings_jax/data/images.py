@@ -7,7 +7,8 @@
   is scaled to 8 bits (PIL's own conversion would clip everything above 255 to white).
 - `to_square_pixels` pads to a centred square of the mean colour ('pad', LLaVA's expand2square) or not
   ('resize'), then resizes to size x size with PIL's bicubic filter: uint8 (S, S, 3).
-- `normalize` rescales by 1/255 and normalises with mean 0.5, std 0.5: float32 in [-1, 1].
+- `normalize` (`wings_jax.model.inputs`, the tower's convention) rescales by 1/255 and normalises with mean
+  0.5, std 0.5: float32 in [-1, 1].
 
 The values equal `transformers.SiglipImageProcessor(size={'height': S, 'width': S}, resample=BICUBIC)`
 applied to the padded RGB image (to float32 rounding). The training pipeline runs the first two steps in
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TypeVar, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image
+
+from wings_jax.model.inputs import normalize
 
 from .errors import BadImageError
 
@@ -33,7 +36,6 @@ ASPECT_MODES = ("pad", "resize")
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-ArrayT = TypeVar("ArrayT")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -87,12 +89,6 @@ def to_square_pixels(image: Image.Image, image_size: int, aspect: str = "pad") -
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
-
-
-def normalize(pixels: ArrayT) -> ArrayT:
-    """uint8 pixels (any leading shape; numpy, or jax on the device) -> float32 ``(x / 255 - 0.5) / 0.5``."""
-    # One multiply-add instead of rescale-then-normalise; equal to float32 rounding.
-    return pixels.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
 def preprocess_image(source: ImageSource, image_size: int, aspect: str = "pad", *,

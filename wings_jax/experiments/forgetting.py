@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from wings_jax.checkpoint import read_config, save_model
-from wings_jax.data.constants import IMAGE_TOKEN_ID
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.conversation import Turn
 from wings_jax.data.pipeline import source_config
 from wings_jax.inference import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation

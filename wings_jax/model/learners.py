@@ -1,4 +1,4 @@
-"""The Wings side branch of a decoder layer: visual and textual LoRRA learners and the router.
+"""The Wings decoder layer: a Qwen2 layer plus visual and textual LoRRA learners and the router.
 
 Low-Rank Residual Attention (spec section 3), for queries X and features F::
 
@@ -16,10 +16,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
-from wings_jax.model.layers import make_param, rotary_embedding, zeros_init
-from wings_jax.model.qwen import CacheView, QwenConfig, Runtime
+from wings_jax.model.cache import AttentionInputs, CacheView
+from wings_jax.model.layers import RESIDUAL_NAME, make_param, rotary_embedding, zeros_init
+from wings_jax.model.qwen import DecoderLayer, QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
 
 STAGES = ("pretrain", "finetune")
@@ -65,18 +68,17 @@ class WingsConfig:
 
 
 @struct.dataclass
-class SideInputs:
-    """Everything the learners need besides the hidden states, shared by all layers.
+class LearnerInputs:
+    """What the learners need besides the hidden states and the call's :class:`AttentionInputs`
+    (whose positions/segments describe the queries and whose slots place text keys in a cache).
 
-    Queries are the current tokens (``positions``/``segments``, B x T). Image keys are the projected
-    image tokens (B x M); ``image_feats`` is None when their keys/values come from a decode cache.
-    Text keys are the current tokens (their embeddings ``text_feats``), or all cache slots when a
-    cache is used (slot = position). A key segment of 0 means "not a key". The ``*_mask_pos``
-    arrays are what causality compares; they differ from RoPE positions only in reference mode.
+    Image keys are the projected image tokens (B x M); ``image_feats`` is None when their keys/values
+    come from a decode cache. Text keys are the current tokens (their embeddings ``text_feats``), or
+    all cache slots when a cache is used (slot = position). A key segment of 0 means "not a key". The
+    ``*_mask_pos`` arrays are what causality compares; they differ from RoPE positions only in
+    reference mode.
     """
 
-    positions: jax.Array  # (B, T) queries' positions (RoPE)
-    segments: jax.Array  # (B, T)
     image_feats: jax.Array | None  # (B, M, H)
     image_positions: jax.Array  # (B, M) where each image token sits in the sequence (RoPE)
     image_mask_pos: jax.Array  # (B, M) start of each token's image (causal_images)
@@ -87,18 +89,17 @@ class SideInputs:
     text_key_mask_pos: jax.Array  # (B, S)
     text_key_segments: jax.Array  # (B, S)
     repeats: jax.Array  # (B, 2) multipliers of the routed (visual, textual) outputs: 1 unless reference mode
-    slots: jax.Array | None = None  # (B, T) cache slots of the current tokens (qwen.cache_slots), with a cache
 
 
 class LoRRALearner(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, rank: int, rt: Runtime, *, rngs: nnx.Rngs):
         if hidden % num_heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
-        self.num_heads, self.head_dim, self.dtype = num_heads, hidden // num_heads, rt.compute_dtype
+        self.num_heads, self.head_dim, self.dtype = num_heads, hidden // num_heads, rt.dtype
         a_init = jax.nn.initializers.truncated_normal(0.02)
         for name in "qkvo":
-            setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.storage_dtype))
-            setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.storage_dtype))
+            setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.param_dtype))
+            setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.param_dtype))
 
     def _low_rank(self, name: str, x: jax.Array) -> jax.Array:
         a = getattr(self, f"{name}_a")[...].astype(self.dtype)
@@ -130,8 +131,8 @@ class Router(nnx.Module):
         bound = 1.0 / math.sqrt(max_len)
         init = jax.nn.initializers.uniform(2 * bound)
         shifted = lambda key, shape, dtype: init(key, shape, dtype) - bound  # noqa: E731
-        self.weight = make_param(rngs, shifted, (max_len, 2), ("router_len", "router_out"), rt.storage_dtype)
-        self.bias = make_param(rngs, shifted, (2,), ("router_out",), rt.storage_dtype)
+        self.weight = make_param(rngs, shifted, (max_len, 2), ("router_len", "router_out"), rt.param_dtype)
+        self.bias = make_param(rngs, shifted, (2,), ("router_out",), rt.param_dtype)
 
     def rows(self, key_positions: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...].astype(jnp.float32), key_positions, axis=0, mode="clip")
@@ -141,7 +142,7 @@ class Router(nnx.Module):
 
 
 class WingsBlock(nnx.Module):
-    """The side branch: ``h + mix(visual(h), textual(h))`` (see ``qwen.DecoderLayer``)."""
+    """The Wings branch of a layer: ``h + mix(visual(h), textual(h))`` (see :class:`WingsDecoderLayer`)."""
 
     def __init__(self, llm: QwenConfig, cfg: WingsConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.cfg, self.rt, self.theta = cfg, rt, llm.rope_theta
@@ -154,30 +155,31 @@ class WingsBlock(nnx.Module):
     def router_values(self, key_positions: jax.Array) -> jax.Array | None:
         return self.router.rows(key_positions) if self.cfg.uses_router else None
 
-    def __call__(self, h, router_in, inputs: SideInputs, cache: CacheView | None, learner_on):
+    def __call__(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None,
+                 learner_on):
         if self.all_layers:
-            return self._apply(h, router_in, inputs, cache)
+            return self._apply(h, router_in, attn, inputs, cache)
         # Layers outside learner_layers skip the learners at run time (one scanned body for all layers).
         if cache is None:
-            return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, inputs, None), lambda: h)
+            return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, attn, inputs, None), lambda: h)
 
         def on(arrays):
             view = CacheView(arrays, cache.layer)
-            return self._apply(h, router_in, inputs, view), view.arrays
+            return self._apply(h, router_in, attn, inputs, view), view.arrays
 
         h, cache.arrays = jax.lax.cond(learner_on, on, lambda arrays: (h, arrays), cache.arrays)
         return h
 
-    def _apply(self, h, router_in, inputs: SideInputs, cache: CacheView | None):
-        visual = self._visual(h, inputs, cache)
+    def _apply(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
+        visual = self._visual(h, attn, inputs, cache)
         if not self.cfg.uses_router:
             return h + visual
-        textual = self._textual(h, inputs, cache)
+        textual = self._textual(h, attn, inputs, cache)
         weights = self.router(router_in) * inputs.repeats[:, None, :]  # (B, T, 2), float32
         mixed = weights[..., :1].astype(h.dtype) * visual + weights[..., 1:].astype(h.dtype) * textual
         return h + mixed
 
-    def _visual(self, h, inputs: SideInputs, cache: CacheView | None):
+    def _visual(self, h, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
         if inputs.image_feats is None:  # decoding: the image keys/values were cached at prefill
             k, v = cache.read("image_k"), cache.read("image_v")
         else:
@@ -185,22 +187,44 @@ class WingsBlock(nnx.Module):
             if cache is not None:
                 cache.write_layer("image_k", k)
                 cache.write_layer("image_v", v)
-        q = self.visual.queries(h, inputs.positions, self.theta)
+        q = self.visual.queries(h, attn.positions, self.theta)
         out, _ = attention_lib.attend(
-            q, k, v, q_pos=inputs.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
+            q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
             q_chunk=self.rt.q_chunk,
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
-    def _textual(self, h, inputs: SideInputs, cache: CacheView | None):
-        k, v = self.textual.keys_values(inputs.text_feats, inputs.positions, self.theta)
+    def _textual(self, h, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
+        k, v = self.textual.keys_values(inputs.text_feats, attn.positions, self.theta)
         if cache is not None:
-            k = cache.write_slots("text_k", k, inputs.slots)
-            v = cache.write_slots("text_v", v, inputs.slots)
-        q = self.textual.queries(h, inputs.positions, self.theta)
+            k = cache.write_slots("text_k", k, attn.slots)
+            v = cache.write_slots("text_v", v, attn.slots)
+        q = self.textual.queries(h, attn.positions, self.theta)
         out, _ = attention_lib.attend(
-            q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=inputs.segments,
+            q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=attn.segments,
             k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
         )
         return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))
+
+
+class WingsDecoderLayer(DecoderLayer):
+    """A Qwen2 layer with the Wings branch between its two residuals (spec section 2):
+    ``h = x + attn(x)`` (whose extra value channels give the router its input), ``h = h + mix(visual(h),
+    textual(h))``, then the MLP residual. Its parameters are the Qwen2 layer's plus ``side``."""
+
+    def __init__(self, llm: QwenConfig, cfg: WingsConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        super().__init__(llm, rt, rngs=rngs)
+        self.side = WingsBlock(llm, cfg, rt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None = None,
+                 learners: LearnerInputs | None = None, learner_on: jax.Array | bool = True
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """As :meth:`DecoderLayer.__call__`; ``learner_on`` False skips the branch (a layer outside
+        ``learner_layers``). Without ``learners`` it is the plain Qwen2 layer: the language model
+        alone (``WingsModel.llm(ids)``, e.g. to compare with its HF export)."""
+        if learners is None:
+            return super().__call__(x, inputs, cache)
+        h, router_in, mass = self.attention_residual(x, inputs, cache, self.side.router_values(inputs.key_positions))
+        h = checkpoint_name(self.side(h, router_in, inputs, learners, cache, learner_on), RESIDUAL_NAME)
+        return self.mlp_residual(h), mass

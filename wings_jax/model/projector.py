@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from wings_jax.model.layers import Linear, gelu_exact
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 
@@ -21,7 +21,7 @@ class Projector(nnx.Module):
         if kind not in PROJECTOR_KINDS:
             raise ValueError(f"unknown projector kind {kind!r}; choose one of {', '.join(PROJECTOR_KINDS)}")
         self.kind = kind
-        kw = dict(use_bias=True, dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         if kind == "linear":
             self.fc1 = Linear(in_features, out_features, ("vision_embed", "embed"), **kw)
             self.fc2 = None

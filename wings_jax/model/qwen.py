@@ -1,12 +1,13 @@
 """The Qwen2 decoder (Qwen1.5 / Qwen2 / Qwen2.5 shapes) in Flax NNX.
 
-Layers are stacked on a leading 'layers' axis and run with ``lax.scan``. A layer may carry a
-*side branch* (the Wings learners and router, ``wings_jax.model.learners``): this module only
-knows that the branch adds router value channels to the main attention and a residual update
-after it, so the plain language model and the Wings model share every line here.
+Layers are stacked on a leading 'layers' axis and run with ``lax.scan``. Every layer's attention
+reads one :class:`~wings_jax.model.cache.AttentionInputs` built per call. The layers are plain Qwen2
+layers (:class:`DecoderLayer`) unless the caller builds others (the Wings model builds
+``learners.WingsDecoderLayer``, a subclass) and runs them with its own :data:`LayerCall`.
 
-Entry points: ``embed_tokens``, ``decode`` (hidden states, optionally reading and writing a
-:class:`DecodeCache`), ``logits`` and ``__call__`` (text-only forward).
+Entry points: ``embed_tokens``, ``hidden_states`` (hidden states, optionally reading and writing a
+:class:`~wings_jax.model.cache.DecodeCache`), ``run_layers``, ``logits`` and ``__call__`` (text-only
+forward).
 """
 from __future__ import annotations
 
@@ -15,15 +16,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
+from wings_jax.model.cache import AttentionInputs, CacheView, DecodeCache
 from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
@@ -48,117 +48,37 @@ class QwenConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """How the model computes, independent of its weights."""
-
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
-    attention: str = "xla"  # "xla" (chunked, linear memory), "cudnn" or "dot_product" (jax.nn.dot_product_attention)
-    remat: str = "none"  # per-layer policy, see layers.REMAT_POLICIES
-    scan_layers: bool = True
-    q_chunk: int = 512  # query chunk of the "xla" attention
-
-    def __post_init__(self):
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"runtime.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
-        if self.attention not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(f"runtime.attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return DTYPES[self.param_dtype]
-
-
-@struct.dataclass
-class DecodeCache:
-    """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
-
-    ``layers`` maps names ('k', 'v', and the side branch's own) to arrays with a leading layers axis.
-    ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the side branch.
-    """
-
-    layers: dict[str, jax.Array]
-    positions: jax.Array  # (B, S)
-    segments: jax.Array  # (B, S)
-    side: dict[str, jax.Array] = struct.field(default_factory=dict)
-
-    @property
-    def max_length(self) -> int:
-        return self.positions.shape[1]
-
-
-def cache_slots(positions: jax.Array, segments: jax.Array, max_length: int) -> jax.Array:
-    """Where each token goes in a cache: slot = position; padding tokens go past the end (dropped)."""
-    return jnp.where(segments != 0, positions, max_length)
-
-
-def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer (B, S, ...)[b, slots[b, t]] = values (B, T, ...); slots past the end are dropped."""
-    rows = jnp.arange(buffer.shape[0])[:, None]
-    return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
-
-
-class CacheView:
-    """One layer's view of the stacked cache buffers, carried through the layer scan.
-
-    Writes go straight into the stacked (layers, ...) arrays at this layer's index, so a decode step
-    writes only its new slots instead of copying every layer's cache.
-    """
-
-    def __init__(self, arrays: dict[str, jax.Array], layer: jax.Array):
-        self.arrays, self.layer = dict(arrays), layer
-
-    def read(self, name: str) -> jax.Array:
-        return self.arrays[name][self.layer]
-
-    def write_slots(self, name: str, values: jax.Array, slots: jax.Array) -> jax.Array:
-        """Writes values (B, T, ...) at slots (B, T) of this layer; returns the layer's updated buffer."""
-        rows = jnp.arange(values.shape[0])[:, None]
-        buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer, rows, slots].set(values.astype(buffer.dtype), mode="drop")
-        return self.read(name)
-
-    def write_layer(self, name: str, values: jax.Array) -> None:
-        buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer].set(values.astype(buffer.dtype))
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q = Linear(h, (n, d), ("embed", "heads", "head_dim"), use_bias=True, **kw)
         self.k = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
         self.v = Linear(h, (k, d), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
         self.o = Linear((n, d), h, ("heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, positions, segments, slots, cache: CacheView | None, key_positions, key_segments,
-                 extra_values):
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None,
+                 extra_values: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        positions = inputs.positions
         q = rotary_embedding(self.q(x), positions, self.cfg.rope_theta)
         k = rotary_embedding(self.k(x), positions, self.cfg.rope_theta)
         v = self.v(x)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         if cache is not None:
-            k = cache.write_slots("k", k, slots)
-            v = cache.write_slots("v", v, slots)
+            k = cache.write_slots("k", k, inputs.slots)
+            v = cache.write_slots("v", v, inputs.slots)
         out, extra = attention_lib.attend(
-            q, k, v, q_pos=positions, k_pos=key_positions, q_seg=segments, k_seg=key_segments, causal=True,
-            extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
+            causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
         )
         return self.o(out), extra
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.up = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
@@ -168,55 +88,59 @@ class MLP(nnx.Module):
         return self.down(constrain(hidden, ("act_batch", "act_length", "act_mlp")))
 
 
-SideFactory = Callable[[nnx.Rngs], nnx.Module]
-
-
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention and SwiGLU MLP; an optional side branch acts between the two residuals.
+    """The Qwen2 layer: pre-norm attention and SwiGLU MLP, each with a residual.
 
-    The side branch implements ``router_values(key_positions) -> (B, Tk, C) | None`` (extra value
-    channels of the main attention) and ``__call__(h, router_in, inputs, cache, per_layer) -> h``,
-    writing its own buffers through the :class:`CacheView`; it finds cache slots in its ``inputs``.
+    Its two halves are methods so that a layer with more between them (the Wings layer,
+    ``learners.WingsDecoderLayer``) composes them instead of copying them.
     """
 
-    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs):
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, rt, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, rt, rngs=rngs)
-        self.side = side_factory(rngs) if side_factory is not None else None
 
-    def __call__(self, x, positions, segments, slots, cache, key_positions, key_segments, side_inputs, per_layer,
-                 key_groups=None):
-        """Returns the layer's output and, given ``key_groups`` (B, Tk, G), the head-summed attention mass
-        each query gives each group (B, T, G) (else None)."""
-        # Without side inputs the layer is the plain Qwen2 layer (the language model alone).
-        use_side = self.side is not None and side_inputs is not None
-        extra_values = self.side.router_values(key_positions) if use_side else None
-        routed = 0 if extra_values is None else extra_values.shape[-1]
-        if key_groups is not None:  # indicator columns ride along as more extra value channels
-            groups = key_groups.astype(jnp.float32)
+    def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """The layer's output and, given ``inputs.key_groups``, the head-summed attention mass (B, T, G)
+        each query gives each group (else None)."""
+        h, _, mass = self.attention_residual(x, inputs, cache)
+        return self.mlp_residual(h), mass
+
+    def attention_residual(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None,
+                           key_values: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """``x + attention(norm(x))``, the head-summed attention-weighted ``key_values`` (B, S, C) per query
+        (None without them) and the key groups' mass (None without ``inputs.key_groups``)."""
+        extra_values = key_values
+        routed = 0 if key_values is None else key_values.shape[-1]
+        if inputs.key_groups is not None:  # indicator columns ride along as more extra value channels
+            groups = inputs.key_groups.astype(jnp.float32)
             extra_values = groups if extra_values is None else jnp.concatenate([extra_values, groups], axis=-1)
-        out, extra = self.attn(
-            self.input_norm(x), positions, segments, slots, cache, key_positions, key_segments, extra_values
-        )
-        router_in, mass = (None, None) if extra is None else (extra[..., :routed], extra[..., routed:])
-        h = checkpoint_name(x + out, RESIDUAL_NAME)
-        if use_side:
-            h = checkpoint_name(self.side(h, router_in, side_inputs, cache, per_layer), RESIDUAL_NAME)
+        out, extra = self.attn(self.input_norm(x), inputs, cache, extra_values)
+        weighted = None if key_values is None else extra[..., :routed]
+        mass = None if inputs.key_groups is None else extra[..., routed:]
+        return checkpoint_name(x + out, RESIDUAL_NAME), weighted, mass
+
+    def mlp_residual(self, h: jax.Array) -> jax.Array:
         y = h + self.mlp(self.post_norm(h))
-        return constrain(y, ("act_batch", "act_length", "act_embed")), (None if key_groups is None else mass)
+        return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+
+# (layer, hidden states, layer index, the layer's cache view) -> (hidden states, per-layer output or None)
+LayerCall = Callable[[DecoderLayer, jax.Array, jax.Array, CacheView | None], tuple[jax.Array, Any]]
 
 
 class Qwen2(nnx.Module):
-    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs, side_factory: SideFactory | None = None):
+    def __init__(self, cfg: QwenConfig, rt: Runtime, *, rngs: nnx.Rngs,
+                 make_layer: Callable[[nnx.Rngs], DecoderLayer] | None = None):
+        """``make_layer`` builds each layer (default: the plain :class:`DecoderLayer`)."""
         self.cfg, self.rt = cfg, rt
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
-        self.layers = stacked(
-            lambda r: DecoderLayer(cfg, rt, rngs=r, side_factory=side_factory), cfg.num_layers, rngs
-        )
+        self.layers = stacked(make_layer or (lambda r: DecoderLayer(cfg, rt, rngs=r)), cfg.num_layers, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, **kw
@@ -225,70 +149,54 @@ class Qwen2(nnx.Module):
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
         return constrain(self.embed(ids), ("act_batch", "act_length", "act_embed"))
 
-    def decode(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        segments: jax.Array,
-        *,
-        cache: DecodeCache | None = None,
-        side_inputs: Any = None,
-        per_layer: Any = None,
-    ) -> tuple[jax.Array, DecodeCache | None]:
-        """Runs all layers on embeddings ``x`` (B, T, H) at ``positions``/``segments`` (B, T).
+    def hidden_states(self, x: jax.Array, inputs: AttentionInputs, cache: DecodeCache | None = None
+                      ) -> tuple[jax.Array, DecodeCache | None]:
+        """Runs all layers on embeddings ``x`` (B, T, H) described by ``inputs`` (built with ``cache``).
 
         Without a cache the tokens attend to each other; with one, their keys are written at slot
         = position and they attend to everything the cache holds.
         """
-        hidden, new_cache, _ = self._run_layers(x, positions, segments, cache, side_inputs, per_layer, None)
+        hidden, new_cache, _ = self.run_layers(x, inputs, cache)
         return hidden, new_cache
 
-    def attention_mass(self, x: jax.Array, positions: jax.Array, segments: jax.Array, key_groups: jax.Array, *,
-                       side_inputs: Any = None, per_layer: Any = None) -> jax.Array:
+    def attention_mass(self, x: jax.Array, inputs: AttentionInputs) -> jax.Array:
         """Head-summed attention mass (layers, B, T, G) that each query of a teacher-forced pass gives to
-        each group of keys; ``key_groups`` (B, T, G) marks the keys of each group (e.g. 0/1 indicators).
+        each group of keys; ``inputs.key_groups`` (B, T, G) marks the keys of each group (e.g. 0/1 indicators).
 
         Computed like the router's input, as extra value channels of each layer's attention: the
         probabilities are never materialised. With indicator groups covering every visible key, the
         groups of a query sum to the number of heads.
         """
-        _, _, mass = self._run_layers(x, positions, segments, None, side_inputs, per_layer, key_groups)
-        return mass
+        return self.run_layers(x, inputs)[2]
 
-    def _run_layers(self, x, positions, segments, cache, side_inputs, per_layer, key_groups):
-        if cache is None:
-            slots, key_positions, key_segments, buffers = None, positions, segments, None
-        else:
-            slots = cache_slots(positions, segments, cache.max_length)
-            key_positions = write_slots(cache.positions, positions, slots)
-            key_segments = write_slots(cache.segments, segments, slots)
-            buffers = cache.layers
+    def run_layers(self, x: jax.Array, inputs: AttentionInputs, cache: DecodeCache | None = None,
+                   call: LayerCall | None = None) -> tuple[jax.Array, DecodeCache | None, Any]:
+        """Final-norm hidden states, the updated cache and the stacked per-layer outputs of ``call``
+        (default: ``layer(h, inputs, cache_view)``, returning the key groups' mass)."""
+        call = call or (lambda layer, h, index, view: layer(h, inputs, view))
 
-        def body(layer, carry, xs):
+        def body(layer, carry, index):
             h, buffers = carry
-            index, flags = xs
             view = None if buffers is None else CacheView(buffers, index)
-            h, mass = layer(h, positions, segments, slots, view, key_positions, key_segments, side_inputs, flags,
-                            key_groups)
-            return (h, None if view is None else view.arrays), mass
+            h, out = call(layer, h, index, view)
+            return (h, None if view is None else view.arrays), out
 
         # The cache rides in the scan carry (updated in place), not in the per-layer outputs.
-        layer_index = jnp.arange(self.cfg.num_layers)
-        (h, buffers), mass = run_stacked(
-            self.layers, body, (x, buffers), (layer_index, per_layer), remat=self.rt.remat, scan=self.rt.scan_layers
-        )
+        carry = (x, None if cache is None else cache.layers)
+        (h, buffers), outs = run_stacked(self.layers, body, carry, jnp.arange(self.cfg.num_layers),
+                                         remat=self.rt.remat, scan=self.rt.scan_layers)
         new_cache = None
         if cache is not None:
-            new_cache = cache.replace(layers=buffers, positions=key_positions, segments=key_segments)
-        return self.final_norm(h), new_cache, mass
+            new_cache = cache.replace(layers=buffers, positions=inputs.key_positions, segments=inputs.key_segments)
+        return self.final_norm(h), new_cache, outs
 
     def output_kernel(self) -> jax.Array:
         """The LM head as an (hidden, vocab) matrix in the compute dtype (the embedding, when tied)."""
         kernel = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return kernel.astype(self.rt.compute_dtype)
+        return kernel.astype(self.rt.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.compute_dtype), self.output_kernel())
+        out = jnp.einsum("...h,hv->...v", hidden.astype(self.rt.dtype), self.output_kernel())
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
@@ -297,15 +205,16 @@ class Qwen2(nnx.Module):
             segments = jnp.ones(ids.shape, jnp.int32)
         if positions is None:
             positions = positions_from_segments(segments)
-        hidden, _ = self.decode(self.embed_tokens(ids), positions, segments)
+        hidden, _ = self.hidden_states(self.embed_tokens(ids), AttentionInputs.build(positions, segments))
         return self.logits(hidden)
 
-    def init_cache(self, batch: int, max_length: int, side_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None) -> DecodeCache:
-        """An empty cache; ``side_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
+    def init_cache(self, batch: int, max_length: int, extra_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None
+                   ) -> DecodeCache:
+        """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
         cfg = self.cfg
         kv_shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-        layers = {"k": jnp.zeros(kv_shape, self.rt.compute_dtype), "v": jnp.zeros(kv_shape, self.rt.compute_dtype)}
-        for name, (shape, dtype) in (side_layers or {}).items():
+        layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
+        for name, (shape, dtype) in (extra_layers or {}).items():
             layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)
         zeros = jnp.zeros((batch, max_length), jnp.int32)
         return DecodeCache(layers=layers, positions=zeros, segments=zeros)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.layers import LayerNorm, Linear, default_kernel_init, gelu_tanh, make_param, run_stacked, stacked
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
 
 _ACT = ("act_batch", "act_length", "act_embed")
@@ -76,7 +76,7 @@ class SiglipConfig:
 class SiglipAttention(nnx.Module):
     def __init__(self, cfg: SiglipConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.rt = rt
-        kw = dict(use_bias=True, dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         d, n, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.q = Linear(d, (n, hd), ("vision_embed", "vision_heads", "head_dim"), **kw)
         self.k = Linear(d, (n, hd), ("vision_embed", "vision_heads", "head_dim"), **kw)
@@ -98,7 +98,7 @@ class SiglipAttention(nnx.Module):
 
 class SiglipMLP(nnx.Module):
     def __init__(self, cfg: SiglipConfig, rt: Runtime, *, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(use_bias=True, dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), **kw)
 
@@ -111,7 +111,7 @@ class SiglipEncoderLayer(nnx.Module):
     """Pre-norm: ``x + attn(ln1(x))``, then ``+ mlp(ln2(.))``."""
 
     def __init__(self, cfg: SiglipConfig, rt: Runtime, *, rngs: nnx.Rngs):
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, axes=("vision_embed",), rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, axes=("vision_embed",), rngs=rngs)
         self.norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.attn = SiglipAttention(cfg, rt, rngs=rngs)
         self.norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
@@ -135,14 +135,14 @@ class SiglipVisionTower(nnx.Module):
     def __init__(self, cfg: SiglipConfig, rt: Runtime, *, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
-        kw = dict(dtype=rt.compute_dtype, param_dtype=rt.storage_dtype, rngs=rngs)
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         # The stride-p convolution over non-overlapping patches is a matmul of each flattened patch with
         # a (kh, kw, in, out) kernel: cheaper to express, and the kernel layout matches the CONV rule.
         self.patch_embed = Linear(
             (p, p, c), d, ("vision_patch", "vision_patch", "vision_patch", "vision_embed"), use_bias=True, **kw
         )
         self.position_embedding = make_param(
-            rngs, default_kernel_init, (cfg.num_positions, d), ("vision_positions", "vision_embed"), rt.storage_dtype
+            rngs, default_kernel_init, (cfg.num_positions, d), ("vision_positions", "vision_embed"), rt.param_dtype
         )
         self.layers = stacked(lambda r: SiglipEncoderLayer(cfg, rt, rngs=r), cfg.num_layers, rngs)
         # Always present so a checkpoint round-trips; applied only if cfg.use_post_layernorm.

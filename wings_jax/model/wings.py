@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.data.constants import IMAGE_TOKEN_ID
-from wings_jax.data.images import normalize
-from wings_jax.model.learners import SideInputs, WingsBlock, WingsConfig
+from wings_jax.model.cache import AttentionInputs, DecodeCache
+from wings_jax.model.inputs import IMAGE_TOKEN_ID, normalize
+from wings_jax.model.learners import LearnerInputs, WingsConfig, WingsDecoderLayer
 from wings_jax.model.projector import Projector
-from wings_jax.model.qwen import DecodeCache, Qwen2, QwenConfig, Runtime, cache_slots, write_slots
+from wings_jax.model.qwen import Qwen2, QwenConfig
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.siglip import SiglipConfig, SiglipVisionTower
 from wings_jax.sharding import constrain
 
@@ -60,8 +61,9 @@ class WingsModel(nnx.Module):
             self.projector = Projector(cfg.projector, cfg.vision.hidden_size, llm.hidden_size, rt, rngs=rngs)
         else:
             self.vision = self.projector = None
-        side = (lambda r: WingsBlock(llm, cfg.wings, rt, rngs=r)) if cfg.wings.enabled else None
-        self.llm = Qwen2(llm, rt, rngs=rngs, side_factory=side)
+        # wings.enabled=False: plain Qwen2 layers, no learner or router parameters at all
+        make_layer = (lambda r: WingsDecoderLayer(llm, cfg.wings, rt, rngs=r)) if cfg.wings.enabled else None
+        self.llm = Qwen2(llm, rt, rngs=rngs, make_layer=make_layer)
 
     # -----------------------------------------------------------------------------------------
     # entry points
@@ -70,7 +72,7 @@ class WingsModel(nnx.Module):
         """(B, I, S, S, 3) pixels -> (B, I, T, H) projected features.
 
         Pixels are uint8 (normalised here, on the device: 4x less to transfer than float32) or float
-        already normalised by `wings_jax.data.images.normalize`. The tower is frozen in every stage: its
+        already normalised by `wings_jax.model.inputs.normalize`. The tower is frozen in every stage: its
         output is cut from the gradient, so training never differentiates through it.
         ``precomputed=True`` takes tower outputs (B, I, T, D_vision).
         """
@@ -85,18 +87,13 @@ class WingsModel(nnx.Module):
 
     def hidden_states(self, batch: Batch) -> jax.Array:
         """Final-norm hidden states (B, L, H) of a teacher-forced batch."""
-        x, side = self._inputs(batch, cache=None)
-        hidden, _ = self.llm.decode(x, batch["positions"], batch["segment_ids"], side_inputs=side,
-                                    per_layer=jnp.asarray(self.layer_flags))
-        return hidden
+        return self._run_layers(*self._inputs(batch, cache=None))[0]
 
     def attention_mass(self, batch: Batch, key_groups: jax.Array) -> jax.Array:
         """Per layer, the main attention's head-summed mass (layers, B, L, G) that each position of a
         teacher-forced batch gives to each group of keys marked by ``key_groups`` (B, L, G) (e.g. pre-image
         text, image tokens): the paper's attention-shift view, without materialising probabilities."""
-        x, side = self._inputs(batch, cache=None)
-        return self.llm.attention_mass(x, batch["positions"], batch["segment_ids"], key_groups, side_inputs=side,
-                                       per_layer=jnp.asarray(self.layer_flags))
+        return self._run_layers(*self._inputs(batch, cache=None, key_groups=key_groups))[2]
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Logits (B, L, vocab) of a teacher-forced batch."""
@@ -113,15 +110,15 @@ class WingsModel(nnx.Module):
         num_image_tokens = self._num_image_tokens(batch)
         b = batch["tokens"].shape[0]
         llm, d = self.cfg.llm, self.cfg.llm.hidden_size // self.cfg.llm.num_heads
-        dtype = self.rt.compute_dtype
-        side = {}
+        dtype = self.rt.dtype
+        buffers = {}
         if self.cfg.wings.enabled:
-            side.update(image_k=((b, num_image_tokens, llm.num_heads, d), dtype),
+            buffers.update(image_k=((b, num_image_tokens, llm.num_heads, d), dtype),
                         image_v=((b, num_image_tokens, llm.num_heads, d), dtype))
         if self.cfg.wings.uses_router:  # the textual learner (finetune stage only) keeps keys per text slot
-            side.update(text_k=((b, max_length, llm.num_heads, d), dtype),
+            buffers.update(text_k=((b, max_length, llm.num_heads, d), dtype),
                         text_v=((b, max_length, llm.num_heads, d), dtype))
-        cache = self.llm.init_cache(b, max_length, side)
+        cache = self.llm.init_cache(b, max_length, buffers)
         return self._run_cached(batch, cache, logits_at)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
@@ -148,16 +145,24 @@ class WingsModel(nnx.Module):
 
     def _run_cached(self, batch: Batch, cache: DecodeCache, logits_at: jax.Array | None = None
                     ) -> tuple[jax.Array, DecodeCache]:
-        x, side = self._inputs(batch, cache)
-        hidden, cache = self.llm.decode(x, batch["positions"], batch["segment_ids"], cache=cache,
-                                        side_inputs=side, per_layer=jnp.asarray(self.layer_flags))
+        x, attn, learners = self._inputs(batch, cache)
+        hidden, cache, _ = self._run_layers(x, attn, learners, cache)
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
-        if side is not None:
-            cache = cache.replace(side={**cache.side, "text_segments": side.text_key_segments,
-                                        "image_positions": side.image_positions,
-                                        "image_mask_pos": side.image_mask_pos, "image_segments": side.image_segments})
+        if learners is not None:
+            cache = cache.replace(side={**cache.side, "text_segments": learners.text_key_segments,
+                                        "image_positions": learners.image_positions,
+                                        "image_mask_pos": learners.image_mask_pos,
+                                        "image_segments": learners.image_segments})
         return self.llm.logits(hidden), cache
+
+    def _run_layers(self, x: jax.Array, attn: AttentionInputs, learners: LearnerInputs | None,
+                    cache: DecodeCache | None = None) -> tuple[jax.Array, DecodeCache | None, jax.Array | None]:
+        if learners is None:  # plain Qwen2 layers
+            return self.llm.run_layers(x, attn, cache)
+        flags = jnp.asarray(self.layer_flags)
+        return self.llm.run_layers(x, attn, cache,
+                                   lambda layer, h, index, view: layer(h, attn, view, learners, flags[index]))
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
         """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
@@ -174,9 +179,12 @@ class WingsModel(nnx.Module):
         feats = jnp.take_along_axis(feats, order[:, :, None, None], axis=1)
         return feats, jnp.take_along_axis(mask, order, axis=1)
 
-    def _inputs(self, batch: Batch, cache: DecodeCache | None) -> tuple[jax.Array, SideInputs | None]:
-        """The embedded sequence and the learners' inputs (None for a model without the Wings branch)."""
+    def _inputs(self, batch: Batch, cache: DecodeCache | None, key_groups: jax.Array | None = None
+                ) -> tuple[jax.Array, AttentionInputs, LearnerInputs | None]:
+        """The embedded sequence, the call's attention inputs and the learners' inputs (None for a model
+        without the Wings branch)."""
         tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+        attn = AttentionInputs.build(positions, segments, cache, key_groups)
         b, t = tokens.shape
         is_image = tokens == IMAGE_TOKEN_ID
         x = self.embed_text(tokens)
@@ -189,11 +197,11 @@ class WingsModel(nnx.Module):
             x = jnp.where(is_image[..., None], placed.astype(x.dtype), x)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if not self.cfg.wings.enabled:
-            return x, None
+            return x, attn, None
         text_mask = batch.get("text_mask", ~is_image & (segments != 0)).astype(bool)
 
         if self.cfg.wings.mixing == "reference":
-            return x, self._reference_side_inputs(x, batch, images, is_image)
+            return x, attn, self._reference_learner_inputs(x, batch, images, is_image)
 
         # image keys: each placed image token, at the position of its slot
         if images is not None:
@@ -214,24 +222,18 @@ class WingsModel(nnx.Module):
             image_feats = jnp.zeros((b, 1, x.shape[-1]), x.dtype)
             image_positions = image_mask_pos = image_segments = jnp.zeros((b, 1), jnp.int32)
 
-        text_segments = jnp.where(text_mask, segments, 0)
-        slots = None
-        if cache is None:
-            key_pos, key_seg = positions, text_segments
-        else:
-            slots = cache_slots(positions, segments, cache.max_length)
-            previous = cache.side.get("text_segments", jnp.zeros_like(cache.positions))
-            key_seg = write_slots(previous, text_segments, slots)
-            key_pos = write_slots(cache.positions, positions, slots)
-        side = SideInputs(
-            positions=positions, segments=segments, image_feats=image_feats, image_positions=image_positions,
-            image_mask_pos=image_mask_pos, image_segments=image_segments, image_query_segments=segments,
-            text_feats=x, text_query_mask_pos=positions, text_key_mask_pos=key_pos, text_key_segments=key_seg,
-            repeats=jnp.ones((b, 2), jnp.float32), slots=slots,
+        # The textual learner's keys are the main attention's, minus image slots (text_mask).
+        text_segments = attn.keys(jnp.where(text_mask, segments, 0),
+                                  None if cache is None else cache.side.get("text_segments"))
+        learners = LearnerInputs(
+            image_feats=image_feats, image_positions=image_positions, image_mask_pos=image_mask_pos,
+            image_segments=image_segments, image_query_segments=segments, text_feats=x,
+            text_query_mask_pos=positions, text_key_mask_pos=attn.key_positions, text_key_segments=text_segments,
+            repeats=jnp.ones((b, 2), jnp.float32),
         )
-        return x, side
+        return x, attn, learners
 
-    def _reference_side_inputs(self, x, batch: Batch, images, is_image) -> SideInputs:
+    def _reference_learner_inputs(self, x, batch: Batch, images, is_image) -> LearnerInputs:
         """The released code's learner inputs (spec section 5), for one image per row, unpacked rows."""
         positions, segments = batch["positions"], batch["segment_ids"]
         b, t = positions.shape
@@ -260,8 +262,8 @@ class WingsModel(nnx.Module):
         in_text = jnp.where(has_image[:, None], ((slot >= sys_len) & (slot < first[:, None]))
                             | (slot >= first[:, None] + n_img), True) & (slot < valid_len[:, None])
         rank = jnp.cumsum(in_text, axis=1) - 1  # masked by compacted feature index, not by position
-        return SideInputs(
-            positions=positions, segments=segments, image_feats=image_feats.astype(x.dtype),
+        return LearnerInputs(
+            image_feats=image_feats.astype(x.dtype),
             image_positions=image_positions, image_mask_pos=jnp.zeros_like(image_positions),
             image_segments=image_segments, image_query_segments=jnp.ones_like(segments),
             text_feats=x, text_query_mask_pos=slot, text_key_mask_pos=rank,

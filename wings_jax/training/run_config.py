@@ -14,7 +14,7 @@ from wings_jax.config import ConfigError
 from wings_jax import checkpoint
 from wings_jax.data.checks import check_batch_split, check_image_slots, check_length
 from wings_jax.data.pipeline import default_data_config
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModelConfig
 from wings_jax.params import LEARNERS, LLM_WITHOUT_LEARNERS, PROJECTOR, VISUAL_LEARNER, prefix_pattern
 

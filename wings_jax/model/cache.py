@@ -1,0 +1,93 @@
+"""The decode cache and the key description every attention of one model call shares.
+
+A cache has one slot per position: slot s of row b holds the keys and values of position s. A model
+call builds one :class:`AttentionInputs` from its tokens' positions and segments (and the cache, if
+any); every layer's attention, and the Wings learners, read their query and key descriptors there.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class DecodeCache:
+    """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
+
+    ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays with a leading layers axis.
+    ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the Wings learners.
+    """
+
+    layers: dict[str, jax.Array]
+    positions: jax.Array  # (B, S)
+    segments: jax.Array  # (B, S)
+    side: dict[str, jax.Array] = struct.field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        return self.positions.shape[1]
+
+
+@struct.dataclass
+class AttentionInputs:
+    """What the main attention of every layer needs besides q/k/v, built once per model call.
+
+    Queries are the call's tokens; keys are the same tokens without a cache, or every cache slot
+    (the call's tokens written in) with one. Segment 0 marks padding / an empty slot.
+    """
+
+    positions: jax.Array  # (B, T) queries' positions (RoPE and causality)
+    segments: jax.Array  # (B, T)
+    key_positions: jax.Array  # (B, S)
+    key_segments: jax.Array  # (B, S)
+    slots: jax.Array | None = None  # (B, T) cache slot of each query token; None without a cache
+    key_groups: jax.Array | None = None  # (B, S, G) groups whose attention mass the layers report
+
+    @classmethod
+    def build(cls, positions: jax.Array, segments: jax.Array, cache: DecodeCache | None = None,
+              key_groups: jax.Array | None = None) -> "AttentionInputs":
+        if cache is None:
+            return cls(positions, segments, positions, segments, key_groups=key_groups)
+        # slot = position; padding tokens go past the end, where writes are dropped
+        slots = jnp.where(segments != 0, positions, cache.max_length)
+        return cls(positions, segments, write_slots(cache.positions, positions, slots),
+                   write_slots(cache.segments, segments, slots), slots, key_groups)
+
+    def keys(self, values: jax.Array, cached: jax.Array | None) -> jax.Array:
+        """A per-token array (B, T) as a per-key one: ``values`` written over the ``cached`` slots (B, S)
+        with a cache (``cached`` None: an empty cache), ``values`` itself without."""
+        if self.slots is None:
+            return values
+        return write_slots(jnp.zeros_like(self.key_positions) if cached is None else cached, values, self.slots)
+
+
+def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
+    """buffer (B, S, ...)[b, slots[b, t]] = values (B, T, ...); slots past the end are dropped."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+
+class CacheView:
+    """One layer's view of the stacked cache buffers, carried through the layer scan.
+
+    Writes go straight into the stacked (layers, ...) arrays at this layer's index, so a decode step
+    writes only its new slots instead of copying every layer's cache.
+    """
+
+    def __init__(self, arrays: dict[str, jax.Array], layer: jax.Array):
+        self.arrays, self.layer = dict(arrays), layer
+
+    def read(self, name: str) -> jax.Array:
+        return self.arrays[name][self.layer]
+
+    def write_slots(self, name: str, values: jax.Array, slots: jax.Array) -> jax.Array:
+        """Writes values (B, T, ...) at slots (B, T) of this layer; returns the layer's updated buffer."""
+        rows = jnp.arange(values.shape[0])[:, None]
+        buffer = self.arrays[name]
+        self.arrays[name] = buffer.at[self.layer, rows, slots].set(values.astype(buffer.dtype), mode="drop")
+        return self.read(name)
+
+    def write_layer(self, name: str, values: jax.Array) -> None:
+        buffer = self.arrays[name]
+        self.arrays[name] = buffer.at[self.layer].set(values.astype(buffer.dtype))

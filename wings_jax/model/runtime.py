@@ -1,0 +1,32 @@
+"""How every model of the package computes (the language model, the vision tower, the projector, the
+learners), independent of its weights: precision, attention kernel, rematerialisation, layer scan."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from wings_jax.model import attention as attention_lib
+
+# The dtype names a config may use. JAX takes these names wherever it takes a dtype, so modules pass
+# ``Runtime.dtype`` / ``Runtime.param_dtype`` on as they are.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Field names are config keys (``model.runtime.dtype`` etc.); keep them stable."""
+
+    dtype: str = "float32"  # compute dtype: every matmul, activation and decode cache
+    param_dtype: str = "float32"  # storage dtype of parameters (master weights)
+    attention: str = "xla"  # "xla" (chunked, linear memory), "cudnn" or "dot_product" (jax.nn.dot_product_attention)
+    remat: str = "none"  # per-layer policy, see layers.REMAT_POLICIES
+    scan_layers: bool = True
+    q_chunk: int = 512  # query chunk of the "xla" attention
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"runtime.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"runtime.attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
