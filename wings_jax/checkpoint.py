@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from wings_jax.convert.hf_io import ConversionError
+from wings_jax.data.tokenizer import copy_tokenizer_files
 from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.params import abstract_model
@@ -41,10 +42,6 @@ PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: checksum}}}, see checksums()
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
-)
 
 log = logging.getLogger("wings_jax.checkpoint")
 
@@ -103,18 +100,6 @@ def mismatches(tree: Any, expected: Mapping[str, int]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Layout, save and restore
-
-
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copies the tokenizer files present in ``src`` to ``dst`` (local or gs://); returns their names."""
-    source, target = epath.Path(src), epath.Path(dst)
-    target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            (target / name).write_bytes((source / name).read_bytes())
-            copied.append(name)
-    return copied
 
 
 def orbax_path(path: str | os.PathLike) -> epath.Path:

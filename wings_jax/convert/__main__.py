@@ -12,9 +12,10 @@ import os
 import sys
 from typing import Sequence
 
-from wings_jax.checkpoint import copy_tokenizer_files, load_model, save_model
+from wings_jax.checkpoint import load_model, save_model
 from wings_jax.convert.hf_io import ConversionError
 from wings_jax.convert.wings_params import build_from_hf, export_hf_llm, export_wings, import_wings
+from wings_jax.data.tokenizer import copy_tokenizer_files
 from wings_jax.model.learners import MIXINGS, STAGES, WingsConfig
 from wings_jax.model.runtime import Runtime
 

@@ -99,6 +99,27 @@ def build_local_qwen_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512
     return load_tokenizer(out_dir)
 
 
+# The files of a tokenizer directory: what checkpoints carry and remote tokenizers are copied as.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer files present in ``src`` to ``dst`` (local or gs://); returns their names."""
+    from etils import epath
+
+    source, target = epath.Path(src), epath.Path(dst)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Loads a Hugging Face tokenizer directory, local or remote (``gs://...``); nothing is downloaded
     from the Hugging Face Hub.
@@ -117,8 +138,6 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         )
     if not _is_remote(path):
         return _load_local(path, path)
-    from ..checkpoint import TOKENIZER_FILES, copy_tokenizer_files
-
     with tempfile.TemporaryDirectory(prefix="wings_jax_tokenizer_") as local:
         if not copy_tokenizer_files(path, local):
             raise FileNotFoundError(f"tokenizer directory {path!r} holds none of {', '.join(TOKENIZER_FILES)}")

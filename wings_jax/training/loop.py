@@ -17,10 +17,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from wings_jax import checkpoint, sharding
-from wings_jax.checkpoint import Checkpointer, copy_tokenizer_files
+from wings_jax.checkpoint import Checkpointer
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
-from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.data.tokenizer import copy_tokenizer_files, load_tokenizer
 from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.params import abstract_model
