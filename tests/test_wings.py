@@ -222,9 +222,3 @@ def test_reference_mode_refuses_several_images_per_row():
     with pytest.raises(ValueError, match="mixing='reference' handles one image per row.*2 image slots"):
         model(_batch([ROWS["two_images"]]))
 
-
-def test_the_model_does_not_import_the_data_pipeline():
-    """Data depends on the model's input conventions (model/inputs.py), never the reverse."""
-    code = "import sys, wings_jax.model.wings; print(sorted(m for m in sys.modules if m.startswith('wings_jax.data')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]"
