@@ -1,6 +1,4 @@
 """Properties of the Wings model in its (default) corrected semantics."""
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
