@@ -137,23 +137,23 @@ def _bad_record(q: Question, e: Exception) -> BadRecordError:
     return BadRecordError(f"{q.where}: {e}", kind=getattr(e, "kind", BadRecordError.kind))
 
 
-def _rows(decoder: Engine, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
+def _rows(engine: Engine, tokenizer: PreTrainedTokenizerBase, questions: Sequence[Question]
           ) -> Iterator[tuple[Prompt, int]]:
     """(prompt + option tokens, number of option tokens) per option, question by question. The prompt's
     ``images`` hold the tower outputs (1, T, D_vision) of the question's image, computed once for its options."""
     for q in questions:
         images = [q.image] if q.image else []
         try:
-            prompt = encode_chat(decoder.cfg, tokenizer,
+            prompt = encode_chat(engine.cfg, tokenizer,
                                  [Turn("user", with_image_placeholders(q.question, len(images)))], images)
         except (DataError, GenerationError) as e:
             raise _bad_record(q, e) from None
-        prompt = decoder.with_image_features(prompt)  # once for all the question's options
+        prompt = engine.with_image_features(prompt)  # once for all the question's options
         for option in q.options:
             ids = np.asarray(tokenizer(option, add_special_tokens=False)["input_ids"], np.int32)
             n = len(prompt.tokens) + len(ids)
             try:
-                check_length(decoder.cfg, n, "the question with this option", "shorten the record", GenerationError)
+                check_length(engine.cfg, n, "the question with this option", "shorten the record", GenerationError)
             except GenerationError as e:
                 raise _bad_record(q, e) from None
             yield with_continuation(prompt, ids), len(ids)
@@ -173,12 +173,12 @@ def score_options(model: WingsModel, tokenizer: PreTrainedTokenizerBase, questio
     with_image = next((q for q in questions if q.image), None)
     if with_image is not None and model.cfg.vision is None:
         raise BadRecordError(f"{with_image.where}: the record has an image, but the model has no vision tower")
-    decoder = Engine(model)
+    engine = Engine(model)
     scores: list[float] = []
     with tqdm(total=sum(len(q.options) for q in questions), desc="options", unit="opt", disable=not progress,
               file=sys.stderr) as bar:
-        for chunk in _chunks(_rows(decoder, tokenizer, questions), batch_size):
-            sums, _ = decoder.continuation_scores(chunk, batch_size)
+        for chunk in _chunks(_rows(engine, tokenizer, questions), batch_size):
+            sums, _ = engine.continuation_scores(chunk, batch_size)
             scores.extend((sums / [k for _, k in chunk] if score == "mean" else sums).tolist())
             bar.update(len(chunk))
     bounds = np.cumsum([0] + [len(q.options) for q in questions])

@@ -89,7 +89,7 @@ class Chat:
         self.args = args
         self.sampling = Sampling(args.temperature, args.top_k, args.top_p)  # refuse bad settings before loading
         self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
-        self.decoder = Engine(self.model)
+        self.engine = Engine(self.model)
         self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
         self.turns: list[Turn] = []
         self.images: list[str] = []
@@ -103,7 +103,7 @@ class Chat:
                 raise GenerationError(f"image file {path!r} does not exist")
 
     def max_new_tokens(self, prompt_length: int) -> int:
-        """--max-new-tokens if given (the decoder refuses it if it does not fit); otherwise the default,
+        """--max-new-tokens if given (the engine refuses it if it does not fit); otherwise the default,
         capped to the room the model's length limit leaves after the prompt."""
         if self.args.max_new_tokens is not None:
             return self.args.max_new_tokens
@@ -113,7 +113,7 @@ class Chat:
             print(f"note: generating at most {room} new tokens (the model takes {limit} positions, the prompt "
                   f"has {prompt_length}); --max-new-tokens sets it", file=sys.stderr)
             return room
-        return DEFAULT_MAX_NEW_TOKENS  # room < 1: the decoder refuses the prompt as too long
+        return DEFAULT_MAX_NEW_TOKENS  # room < 1: the engine refuses the prompt as too long
 
     def answer(self, message: str, images: Sequence[str], on_token: Callable[[int, int], None] | None = None) -> dict:
         """Generates the reply to ``message`` (its tokens go to ``on_token`` as they come); the conversation
@@ -122,13 +122,13 @@ class Chat:
         user = Turn("user", with_image_placeholders(message, len(images)))
         prompt = encode_chat(self.model.cfg, self.tokenizer, [*self.turns, user], [*self.images, *images],
                              system_prompt=self.args.system)
-        [result] = self.decoder.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
+        [result] = self.engine.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
                                          self.stop_ids, seed=self.args.seed, on_token=on_token)
         text = detokenize(self.tokenizer, result.token_ids)
         self.turns += [user, Turn("assistant", text)]
         self.images += images
         if self.args.save_logits:
-            np.save(self.args.save_logits, self.decoder.logits([prompt])[0])
+            np.save(self.args.save_logits, self.engine.logits([prompt])[0])
         return {"prompt_token_ids": prompt.tokens.tolist(), "generated_token_ids": result.token_ids, "text": text,
                 "finish_reason": result.finish_reason}
 

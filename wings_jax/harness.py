@@ -59,7 +59,7 @@ class HarnessModel:
         per_step = mesh.devices.size
         self.batch_size = -(-batch_size // per_step) * per_step  # every device gets the same number of rows
         model, self.tokenizer = load_for_inference(ckpt, dtype, mesh)
-        self.decoder = Engine(model, mesh)
+        self.engine = Engine(model, mesh)
         self.cfg = cfg = model.cfg
         # a scored row holds max_length + 1 tokens
         router_limit = position_limit(cfg)
@@ -109,7 +109,7 @@ class HarnessModel:
         """(log-likelihood of the last k tokens, whether each is the greedy choice) per (prompt, k) row."""
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         for chunk in by_length(rows, lambda r: len(r[0].tokens), self.batch_size):
-            totals, greedy = self.decoder.continuation_scores([rows[i] for i in chunk], self.batch_size)
+            totals, greedy = self.engine.continuation_scores([rows[i] for i in chunk], self.batch_size)
             for i, total, g in zip(chunk, totals.tolist(), greedy.tolist()):
                 out[i] = (total, g)
             progress(len(chunk))
@@ -140,7 +140,7 @@ class HarnessModel:
         for chunk in by_length(prompts, lambda p: len(p.tokens), self.batch_size):
             batch = [prompts[i] for i in chunk]
             filler = [batch[0]] * (self.batch_size - len(batch))  # fixed batch size: no new compilation
-            results = self.decoder.generate(batch + filler, settings.max_new, settings.sampling,
+            results = self.engine.generate(batch + filler, settings.max_new, settings.sampling,
                                             stop_ids=(self.eot_token_id,), seed=self.seed)
             for i, result in zip(chunk, results):
                 text = detokenize(self.tokenizer, result.token_ids)

@@ -49,17 +49,17 @@ class WingsLM(TemplateLM):
                  seed: int = 0) -> None:
         super().__init__()
         del max_batch_size, device  # lm-eval always passes them; JAX places the work on this host's devices
-        self.engine = HarnessModel(ckpt, dtype, batch_size, max_length, max_gen_toks, seed)
-        self.tokenizer = self.engine.tokenizer
+        self.harness = HarnessModel(ckpt, dtype, batch_size, max_length, max_gen_toks, seed)
+        self.tokenizer = self.harness.tokenizer
         self._rank, self._world_size = jax.process_index(), jax.process_count()
 
     @property
     def eot_token_id(self) -> int:
-        return self.engine.eot_token_id
+        return self.harness.eot_token_id
 
     @property
     def max_length(self) -> int:
-        return self.engine.max_length
+        return self.harness.max_length
 
     @property
     def tokenizer_name(self) -> str:
@@ -74,16 +74,16 @@ class WingsLM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     def get_model_info(self) -> dict:
-        return self.engine.info()
+        return self.harness.info()
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
         rows = []
         for _, context, continuation in requests:
             tokens = (context + continuation)[-(self.max_length + 1):]  # as lm-eval's hf model truncates
-            rows.append((self.engine.text_prompt(tokens), min(len(continuation), len(tokens) - 1)))
+            rows.append((self.harness.text_prompt(tokens), min(len(continuation), len(tokens) - 1)))
         with tqdm(total=len(rows), desc="loglikelihood", disable=disable_tqdm or self.rank != 0) as bar:
-            out = self.engine.score(rows, bar.update)
+            out = self.harness.score(rows, bar.update)
         for (key, _, _), result in zip(requests, out):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -108,10 +108,10 @@ class WingsLM(TemplateLM):
         out: list[str | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0) as bar:
             for members in groups.values():
-                settings = self.engine.generation_settings(requests[members[0]].args[1])
+                settings = self.harness.generation_settings(requests[members[0]].args[1])
                 keep = self.max_length - settings.max_new  # the context's last tokens, as lm-eval's hf model
-                prompts = [self.engine.text_prompt(self.tok_encode(requests[i].args[0])[-keep:]) for i in members]
-                for i, text in zip(members, self.engine.generate(prompts, settings)):
+                prompts = [self.harness.text_prompt(self.tok_encode(requests[i].args[0])[-keep:]) for i in members]
+                for i, text in zip(members, self.harness.generate(prompts, settings)):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(members))

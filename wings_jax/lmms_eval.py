@@ -53,7 +53,7 @@ class WingsLMMS(lmms):
                  seed: int = 0) -> None:
         super().__init__()
         del max_batch_size, device  # lmms-eval always passes them; JAX places the work on this host's devices
-        self.engine = HarnessModel(ckpt, dtype, batch_size, max_length, max_gen_toks, seed)
+        self.harness = HarnessModel(ckpt, dtype, batch_size, max_length, max_gen_toks, seed)
         self._rank, self._world_size = 0, 1  # lmms-eval sets them when it distributes
 
     def _doc(self, doc_id, task, split) -> dict:
@@ -64,8 +64,8 @@ class WingsLMMS(lmms):
         if any(not isinstance(v, Image.Image) for v in images):
             raise DataError(f"{where}: the wings_jax model takes images only, got "
                             f"{sorted({type(v).__name__ for v in images})}")
-        engine = self.engine
-        return encode_chat(engine.cfg, engine.tokenizer,
+        harness = self.harness
+        return encode_chat(harness.cfg, harness.tokenizer,
                            [Turn("user", with_image_placeholders(context, len(images)))], images)
 
     def loglikelihood(self, requests) -> list[GenerationResult]:
@@ -78,16 +78,16 @@ class WingsLMMS(lmms):
         for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
             doc, where = self._doc(doc_id, task, split), f"{task}/{split}/{doc_id}"
             continuation = target(doc) if callable(target) else target
-            prompt = self.engine.decoder.with_image_features(self._prompt(context, doc_to_visual(doc), where))
-            ids = np.asarray(self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
+            prompt = self.harness.engine.with_image_features(self._prompt(context, doc_to_visual(doc), where))
+            ids = np.asarray(self.harness.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
             if not len(ids):
                 raise GenerationError(f"{where}: the continuation {continuation!r} has no tokens to score")
-            if len(prompt.tokens) + len(ids) > self.engine.max_length + 1:
+            if len(prompt.tokens) + len(ids) > self.harness.max_length + 1:
                 raise GenerationError(f"{where}: {len(prompt.tokens) + len(ids)} tokens with the continuation, "
-                                      f"more than max_length={self.engine.max_length} + 1; raise model_args max_length")
+                                      f"more than max_length={self.harness.max_length} + 1; raise model_args max_length")
             rows.append((with_continuation(prompt, ids), len(ids)))
         with tqdm(total=len(rows), desc="loglikelihood", disable=self.rank != 0) as bar:
-            scores = self.engine.score(rows, bar.update)
+            scores = self.harness.score(rows, bar.update)
         return [GenerationResult((-total / k, greedy)) for (total, greedy), (_, k) in zip(scores, rows)]
 
     def generate_until(self, requests) -> list[str]:
@@ -95,13 +95,13 @@ class WingsLMMS(lmms):
         out: list[str | None] = [None] * len(requests)
         with tqdm(total=len(requests), desc="generate_until", disable=self.rank != 0) as bar:
             for members in groups.values():
-                settings = self.engine.generation_settings(requests[members[0]].args[1])
+                settings = self.harness.generation_settings(requests[members[0]].args[1])
                 prompts = []
                 for i in members:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
                     doc = self._doc(doc_id, task, split)
                     prompts.append(self._prompt(context, doc_to_visual(doc), f"{task}/{split}/{doc_id}"))
-                for i, text in zip(members, self.engine.generate(prompts, settings)):
+                for i, text in zip(members, self.harness.generate(prompts, settings)):
                     out[i] = text
                 bar.update(len(members))
         return out
