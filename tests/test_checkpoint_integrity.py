@@ -81,7 +81,7 @@ def test_resume_skips_a_step_with_overwritten_bytes_and_names_it(tmp_path, caplo
     damaged = overwrite_bytes(os.path.join(workdir, CHECKPOINTS_DIR, "2", PARAMS_ITEM))
     params, opt_state = _tree(2)
     with caplog.at_level(logging.WARNING):
-        step, restored, opt, extra = Checkpointer(workdir, keep=5, async_save=False).restore_latest(
+        step, restored, opt, extra = Checkpointer(workdir, keep=5, async_save=False).restore_newest(
             _abstract(params), _abstract(opt_state))
     assert step == 1 and extra == {"step": 1}
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(_tree(1)[0]["w"]))
@@ -97,7 +97,7 @@ def test_the_only_step_damaged_is_a_clear_error(tmp_path):
     overwrite_bytes(os.path.join(workdir, CHECKPOINTS_DIR, "1", "opt_state"))
     params, opt_state = _tree(1)
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be restored \(steps 1 were moved aside"):
-        Checkpointer(workdir, keep=5, async_save=False).restore_latest(_abstract(params), _abstract(opt_state))
+        Checkpointer(workdir, keep=5, async_save=False).restore_newest(_abstract(params), _abstract(opt_state))
 
 
 def test_a_step_of_other_parameter_names_is_an_error_and_stays(tmp_path):
@@ -106,7 +106,7 @@ def test_a_step_of_other_parameter_names_is_an_error_and_stays(tmp_path):
     params, opt_state = _tree(2)
     renamed = {"w_renamed": params["w"], "b": params["b"]}  # the same shapes under another name
     with pytest.raises(CheckpointError, match=r"checkpoint step 2 .* written for another model .*w_renamed"):
-        Checkpointer(workdir, keep=5, async_save=False).restore_latest(_abstract(renamed), _abstract(opt_state))
+        Checkpointer(workdir, keep=5, async_save=False).restore_newest(_abstract(renamed), _abstract(opt_state))
     assert sorted(os.listdir(os.path.join(workdir, CHECKPOINTS_DIR))) == ["1", "2"]
 
 

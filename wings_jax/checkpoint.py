@@ -30,7 +30,6 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.tokenizer import copy_tokenizer_files
 from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
@@ -40,7 +39,14 @@ FORMAT = "wings_jax/1"
 CONFIG_FILE = "wings_config.json"
 PARAMS_ITEM = "params"
 CHECKPOINTS_DIR = "checkpoints"
+OPT_STATE_ITEM = "opt_state"
+EXTRA_ITEM = "extra"  # JSON, e.g. every process's data iterator state
 CHECKSUMS_ITEM = "checksums"  # {"algorithm": ..., "items": {item: {array path: checksum}}}, see checksums()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, damaged, or written for another model); the message says what
+    to do."""
 
 
 log = logging.getLogger("wings_jax.checkpoint")
@@ -117,20 +123,31 @@ def write_config(path: str, cfg: WingsModelConfig, metadata: Mapping[str, Any] |
     tmp.rename(directory / CONFIG_FILE)
 
 
+def start_workdir(workdir: str, cfg: WingsModelConfig, tokenizer_dir: str, init_from: str | None,
+                  run_config: str) -> None:
+    """Gives a new training workdir its tokenizer files and config (a workdir that has them is left as it is)."""
+    if (epath.Path(workdir) / CONFIG_FILE).exists():
+        return
+    copy_tokenizer_files(tokenizer_dir, workdir)
+    # what init_from knew about its weights (source dtype, layout details) stays true for the run's
+    inherited = read_config(init_from)[1] if init_from else {}
+    write_config(workdir, cfg, {**inherited, "source": "training", "init_from": init_from, "run_config": run_config})
+
+
 def read_config(path: str) -> tuple[WingsModelConfig, dict[str, Any]]:
     file = epath.Path(path) / CONFIG_FILE
     if not file.exists():
-        raise ConversionError(
+        raise CheckpointError(
             f"{path}: no {CONFIG_FILE}; not a wings_jax checkpoint or training workdir "
             "(convert weights with `python -m wings_jax.convert import-hf ...` first)"
         )
     body = json.loads(file.read_text())
     if body.get("format") != FORMAT:
-        raise ConversionError(f"{file}: format {body.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{file}: format {body.get('format')!r}, expected {FORMAT!r}")
     try:
         return WingsModelConfig.from_dict(body["model"]), body.get("metadata", {})
     except (TypeError, ValueError, KeyError) as e:
-        raise ConversionError(f"{file}: invalid model config ({e})") from None
+        raise CheckpointError(f"{file}: invalid model config ({e})") from None
 
 
 def params_dict(model: nnx.Module) -> dict:
@@ -143,7 +160,7 @@ def save_model(
     """Writes a converted checkpoint; the config file comes last, so a crash leaves no valid-looking one."""
     directory = orbax_path(path)
     if (directory / CONFIG_FILE).exists() or (directory / PARAMS_ITEM).exists():
-        raise ConversionError(f"{path}: already holds a checkpoint; choose a new output directory")
+        raise CheckpointError(f"{path}: already holds a checkpoint; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     for item, args in save_args({PARAMS_ITEM: params_dict(model)}).items():
         checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler() if isinstance(args, ocp.args.JsonSave)
@@ -152,10 +169,6 @@ def save_model(
     if tokenizer_src:
         copy_tokenizer_files(tokenizer_src, str(directory))
     write_config(str(directory), model.cfg, metadata)
-
-
-class CheckpointError(ConversionError):
-    """A checkpoint that cannot be used (damaged, or written for another model); the message says what to do."""
 
 
 def save_args(arrays: Mapping[str, Any], json_items: Mapping[str, dict] | None = None) -> dict[str, Any]:
@@ -178,7 +191,7 @@ def step_dirs(path: str) -> list[epath.Path]:
     steps = sorted((int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / PARAMS_ITEM).exists())
                    if root.exists() else (), reverse=True)
     if not steps:
-        raise ConversionError(f"{path}: holds no parameters (neither {PARAMS_ITEM}/ nor a complete "
+        raise CheckpointError(f"{path}: holds no parameters (neither {PARAMS_ITEM}/ nor a complete "
                               f"{CHECKPOINTS_DIR}/<step>/)")
     return [root / str(step) for step in steps]
 
@@ -351,13 +364,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.workdir = workdir
         self.manager = ocp.CheckpointManager(orbax_path(workdir) / CHECKPOINTS_DIR, options=options,
-                                             item_names=(PARAMS_ITEM, "opt_state", "extra", CHECKSUMS_ITEM))
+                                             item_names=(PARAMS_ITEM, OPT_STATE_ITEM, EXTRA_ITEM, CHECKSUMS_ITEM))
 
     def save(self, step: int, params: Any, opt_state: Any, extra: dict[str, Any]) -> None:
-        args = save_args({PARAMS_ITEM: params, "opt_state": opt_state}, {"extra": extra})
+        args = save_args({PARAMS_ITEM: params, OPT_STATE_ITEM: opt_state}, {EXTRA_ITEM: extra})
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict] | None:
+    def restore_newest(self, abstract_params: Any, abstract_opt_state: Any) -> tuple[int, Any, Any, dict] | None:
         """(step, params, opt_state, extra) of the newest good step; None when there is no step.
 
         A damaged step (half-written by a killed process, truncated or overwritten files) is moved aside and
@@ -368,10 +381,10 @@ class Checkpointer:
             return None
         try:
             directory, restored = restore_newest(self.workdir, {PARAMS_ITEM: abstract_params,
-                                                                "opt_state": abstract_opt_state, "extra": None})
+                                                                OPT_STATE_ITEM: abstract_opt_state, EXTRA_ITEM: None})
         finally:
             self.manager.reload()  # steps may have been moved aside
-        return int(directory.name), restored[PARAMS_ITEM], restored["opt_state"], restored["extra"]
+        return int(directory.name), restored[PARAMS_ITEM], restored[OPT_STATE_ITEM], restored[EXTRA_ITEM]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

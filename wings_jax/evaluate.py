@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from wings_jax.convert.hf_io import ConversionError
+from wings_jax.checkpoint import CheckpointError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.checks import check_length
 from wings_jax.data.conversation import Turn
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions = read_questions(args.data)  # every record is checked before the model is loaded
         model, tokenizer = load_for_inference(args.ckpt, args.dtype)
         results = evaluate(model, tokenizer, questions, args.batch_size, score=args.score)
-    except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(results, indent=2)

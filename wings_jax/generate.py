@@ -24,7 +24,7 @@ from typing import Callable, Sequence, TextIO
 import numpy as np
 from etils import epath
 
-from wings_jax.convert.hf_io import ConversionError
+from wings_jax.checkpoint import CheckpointError
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.conversation import Turn
 from wings_jax.data.checks import position_limit
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _interactive(chat)
         else:
             chat.reply(args.prompt, args.image)
-    except (ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from wings_jax.checkpoint import CheckpointError
 from wings_jax.config import ConfigError
-from wings_jax.convert.hf_io import ConversionError
 from wings_jax.data.assemble import Prompt
 from wings_jax.data.checks import position_limit
 from wings_jax.data.constants import IM_END, IM_START
@@ -163,7 +163,7 @@ def hand_over(cli: Callable[[], None], prefix: Sequence[str], rest: Sequence[str
         before()
         sys.argv = [*prefix, "--model", "wings_jax", *rest]
         cli()
-    except (ConfigError, ConversionError, DataError, GenerationError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

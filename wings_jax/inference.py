@@ -25,8 +25,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from wings_jax.checkpoint import load_model
-from wings_jax.convert.hf_io import ConversionError
+from wings_jax.checkpoint import CheckpointError, load_model
 from wings_jax.data.assemble import Prompt, encode_prompt
 from wings_jax.data.batch import append_tokens, pad_rows
 from wings_jax.data.checks import check_length
@@ -91,7 +90,7 @@ def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.M
     ``mesh``, replicated on each of its devices) and tokenizer of a checkpoint or workdir."""
     dtype = inference_dtype(dtype)
     if not epath.Path(path).exists():
-        raise ConversionError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
                               "(python -m wings_jax.convert import-hf ...) or a training workdir")
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype), shardings_fn=None if mesh is None else (

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -20,7 +19,7 @@ from wings_jax import checkpoint, sharding
 from wings_jax.checkpoint import Checkpointer
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
-from wings_jax.data.tokenizer import copy_tokenizer_files, load_tokenizer
+from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.params import abstract_model
@@ -98,16 +97,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     tokenizer_dir = cfg.data.tokenizer or cfg.init_from
     tokenizer = load_tokenizer(tokenizer_dir)
     first_process = jax.process_index() == 0
-    if first_process and not (epath.Path(workdir) / checkpoint.CONFIG_FILE).exists():
-        copy_tokenizer_files(tokenizer_dir, workdir)
-        # what init_from knew about its weights (source dtype, layout details) stays true for the run's
-        inherited = checkpoint.read_config(cfg.init_from)[1] if cfg.init_from else {}
-        checkpoint.write_config(workdir, p.model_cfg, {**inherited, "source": "training", "init_from": cfg.init_from,
-                                                        "run_config": cfg.to_json()})
+    if first_process:
+        checkpoint.start_workdir(workdir, p.model_cfg, tokenizer_dir, cfg.init_from, cfg.to_json())
 
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     full_abstract = merge_params(p.abstract_trainable, p.abstract_frozen)
-    restored = ckpt.restore_latest(full_abstract, p.abstract_opt_state)
+    restored = ckpt.restore_newest(full_abstract, p.abstract_opt_state)
     data = make_data_iterator(
         cfg.data, tokenizer=tokenizer, image_size=p.model_cfg.vision.image_size if p.model_cfg.vision else 0,
         tokens_per_image=p.model_cfg.tokens_per_image, global_batch_size=cfg.train.global_batch_size,
