@@ -13,7 +13,7 @@ from wings_jax.data.errors import BadRecordError
 from wings_jax.data.conversation import Turn
 from wings_jax.inference import Engine, encode_chat, load_for_inference
 from wings_jax.evaluate import main as evaluate_main
-from wings_jax.evaluate import read_questions, score_options
+from wings_jax.multiple_choice import read_questions, score_options
 
 # The image question comes first with four options, so its rows fill the first batch of four exactly:
 # one batch shape with images, one without (every row fits the 48-token bucket).

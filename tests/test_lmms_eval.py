@@ -21,7 +21,7 @@ from test_generate import save_vision_checkpoint  # noqa: E402
 from wings_jax.data.conversation import Turn  # noqa: E402
 from wings_jax.inference import (Engine, Sampling, detokenize, encode_chat, load_for_inference,  # noqa: E402
                                  with_image_placeholders)
-from wings_jax.evaluate import Question, accuracy_report, score_options  # noqa: E402
+from wings_jax.multiple_choice import Question, accuracy_report, score_options  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join("tests", "lmms_eval_tasks")  # the YAML files name their data relative to ROOT

@@ -18,7 +18,7 @@ from wings_jax.checkpoint import CheckpointError, load_model
 from wings_jax.config import ConfigError, load_config
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.tokenizer import load_tokenizer
-from wings_jax.evaluate import evaluate, read_questions
+from wings_jax.multiple_choice import evaluate, read_questions
 from wings_jax.generate import main as generate_main
 from wings_jax.params import flat_values, flatten_dict
 from wings_jax.train import main as train_main

@@ -36,13 +36,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from wings_jax.checkpoint import read_config, save_model
-from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.conversation import Turn
 from wings_jax.data.pipeline import source_config
-from wings_jax.inference import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation
-from wings_jax.evaluate import read_questions
 from wings_jax.experiments.synthetic import Files, make_data
+from wings_jax.inference import bucket_length, encode_chat, load_for_inference, pad_prompts, with_continuation
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.wings import WingsModel
+from wings_jax.multiple_choice import read_questions
 from wings_jax.params import LLM as LLM_PARAMS, PROJECTOR, flat_values, materialize, prefix_pattern
 from wings_jax.sharding import make_mesh
 from wings_jax.training.loop import train

@@ -20,8 +20,8 @@ from wings_jax.checkpoint import Checkpointer
 from wings_jax.data.demo import ensure_demo_dataset
 from wings_jax.data.pipeline import make_data_iterator
 from wings_jax.data.tokenizer import load_tokenizer
-from wings_jax.evaluate import Question, evaluate, read_questions
 from wings_jax.flops import mfu, peak_flops_per_device
+from wings_jax.multiple_choice import Question, evaluate, read_questions
 from wings_jax.params import abstract_model
 from wings_jax.training import run_config
 from wings_jax.training.metrics import LEARNING_RATE_PREFIX, MetricsWriter
