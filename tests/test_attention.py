@@ -142,3 +142,18 @@ def test_attention_remat_policy_runs_no_second_flash_forward():
     attention_forward = 2 * 2 * b * n * t * t * d
     assert flops("attention") - flops("none") < 0.1 * attention_forward
     assert flops("full") - flops("none") > 0.3 * attention_forward
+
+
+@pytest.mark.parametrize("implementation", ["xla", "dot_product"])
+def test_heads_first_keys_equal_keys_first(implementation):
+    """A decode cache's (B, K, S, D) keys and values give the same outputs as (B, S, K, D) ones."""
+    q, k, v, extra = _inputs(tq=3, tk=16)
+    q_pos = jnp.broadcast_to(jnp.arange(8, 11), (2, 3))
+    k_pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    q_seg, k_seg = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 16), jnp.int32).at[1, 12:].set(0)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=True, extra_values=extra,
+              implementation=implementation)
+    want = attend(q, k, v, **kw)
+    got = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), heads_first=True, **kw)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

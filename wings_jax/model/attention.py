@@ -48,19 +48,27 @@ def attend(
     extra_values: jax.Array | None = None,
     implementation: Implementation = "xla",
     q_chunk: int = 512,
+    heads_first: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K.
+    """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K; ``heads_first``: k, v
+    are (B, K, Tk, D), a decode cache's layout (what the xla path reads, so it needs no transpose).
 
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
+    key_axis = 2 if heads_first else 1
+    kv_heads = k.shape[3 - key_axis]
+    if q.shape[2] % kv_heads:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {kv_heads}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "xla":
+        if not heads_first:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
     else:
+        if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
                                   "cudnn" if implementation == "cudnn" else None)
         out = checkpoint_name(out, ATTENTION_NAME)
@@ -76,11 +84,11 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal):
     return mask
 
 
-def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
+def _xla_chunked(q, kh, vh, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
+    """q (B, Tq, N, D) over head-major kh, vh (B, K, Tk, D)."""
     b, tq, n, d = q.shape
-    kv = k.shape[2]
+    kv = kh.shape[1]
     qh = jnp.moveaxis(q.reshape(b, tq, kv, n // kv, d), 1, 3)  # (B, K, G, Tq, D)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, Tk, D)
     # Every length is chunked: equal chunks of at most q_chunk queries; the padded tail queries have
     # segment 0 (they see nothing) and are dropped.
     num = -(-tq // q_chunk)
@@ -89,7 +97,7 @@ def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_value
     qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad), (0, 0)))
     q_pos, q_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (q_pos, q_seg))
     channels = 0 if extra_values is None else extra_values.shape[-1]
-    ev = jnp.zeros((b, k.shape[1], 0), jnp.float32) if extra_values is None else extra_values.astype(jnp.float32)
+    ev = jnp.zeros((b, kh.shape[2], 0), jnp.float32) if extra_values is None else extra_values.astype(jnp.float32)
     out, extra = _flash(causal, scale, size, qh, kh, vh, ev, q_pos, k_pos, q_seg, k_seg)
     out = out[:, :, :, :tq]
     return jnp.moveaxis(out, 3, 1).reshape(b, tq, n, d), (extra[:, :tq] if channels else None)

@@ -15,7 +15,8 @@ from flax import struct
 class DecodeCache:
     """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
 
-    ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays with a leading layers axis.
+    ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays (layers, B, heads, S, head_dim):
+    heads before slots, the layout the attention reads, so a step transposes no cached keys.
     ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the Wings learners.
     """
 
@@ -82,12 +83,15 @@ class CacheView:
         return self.arrays[name][self.layer]
 
     def write_slots(self, name: str, values: jax.Array, slots: jax.Array) -> jax.Array:
-        """Writes values (B, T, ...) at slots (B, T) of this layer; returns the layer's updated buffer."""
+        """Writes values (B, T, heads, D) at slots (B, T) of this layer's (B, heads, S, D) buffer; returns
+        the layer's updated buffer."""
         rows = jnp.arange(values.shape[0])[:, None]
         buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer, rows, slots].set(values.astype(buffer.dtype), mode="drop")
+        # the slice between the advanced indices puts their (B, T) first: the update is values as given
+        self.arrays[name] = buffer.at[self.layer, rows, :, slots].set(values.astype(buffer.dtype), mode="drop")
         return self.read(name)
 
     def write_layer(self, name: str, values: jax.Array) -> None:
+        """Stores values (B, M, heads, D) as this layer's (B, heads, M, D) buffer."""
         buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer].set(values.astype(buffer.dtype))
+        self.arrays[name] = buffer.at[self.layer].set(jnp.swapaxes(values, 1, 2).astype(buffer.dtype))

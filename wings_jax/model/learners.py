@@ -180,7 +180,8 @@ class WingsBlock(nnx.Module):
         return h + mixed
 
     def _visual(self, h, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
-        if inputs.image_feats is None:  # decoding: the image keys/values were cached at prefill
+        cached = inputs.image_feats is None
+        if cached:  # decoding: the image keys/values were cached at prefill, (B, heads, M, D)
             k, v = cache.read("image_k"), cache.read("image_v")
         else:
             k, v = self.visual.keys_values(inputs.image_feats, inputs.image_positions, self.theta)
@@ -191,7 +192,7 @@ class WingsBlock(nnx.Module):
         out, _ = attention_lib.attend(
             q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
-            q_chunk=self.rt.q_chunk,
+            q_chunk=self.rt.q_chunk, heads_first=cached,
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
@@ -204,6 +205,7 @@ class WingsBlock(nnx.Module):
         out, _ = attention_lib.attend(
             q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=attn.segments,
             k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            heads_first=cache is not None,
         )
         return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))
 

@@ -72,6 +72,7 @@ class Attention(nnx.Module):
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
             causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            heads_first=cache is not None,
         )
         return self.o(out), extra
 
@@ -210,9 +211,10 @@ class Qwen2(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int, extra_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None
                    ) -> DecodeCache:
-        """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
+        """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype),
+        (B, heads, slots, head_dim) like 'k' and 'v'."""
         cfg = self.cfg
-        kv_shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+        kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
         layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
         for name, (shape, dtype) in (extra_layers or {}).items():
             layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)
