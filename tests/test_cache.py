@@ -23,6 +23,7 @@ def test_with_a_cache_tokens_go_to_slot_position_and_padding_is_dropped():
     segments = jnp.array([[1, 1], [1, 0]])  # row 1's second token is padding
     inputs = AttentionInputs.build(positions, segments, cache)
     np.testing.assert_array_equal(inputs.slots, [[2, 3], [0, 5]])
+    assert inputs.key_fill == 4  # the latest query sits at slot 3: no query sees a later slot
     np.testing.assert_array_equal(inputs.key_positions, [[0, 1, 2, 3, 0], [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(inputs.key_segments, [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     # per-key values of another attention (the textual learner's keys) follow the same slots

@@ -49,9 +49,14 @@ def attend(
     implementation: Implementation = "xla",
     q_chunk: int = 512,
     heads_first: bool = False,
+    key_fill: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K; ``heads_first``: k, v
     are (B, K, Tk, D), a decode cache's layout (what the xla path reads, so it needs no transpose).
+
+    ``key_fill`` (a scalar): no query sees a key at index >= key_fill (a cache's unfilled slots), so only
+    the shortest of :func:`prefix_lengths` that holds them is read (one branch per length, chosen at run
+    time: a decode loop reads more keys as it fills the cache, never all of them from its first step).
 
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
@@ -62,6 +67,21 @@ def attend(
     if q.shape[2] % kv_heads:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {kv_heads}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lengths = prefix_lengths(k.shape[key_axis])
+    if key_fill is not None and len(lengths) > 1:
+        kw = dict(q_pos=q_pos, q_seg=q_seg, causal=causal, scale=scale, implementation=implementation,
+                  q_chunk=q_chunk, heads_first=heads_first)
+
+        def prefix(n):
+            def run(k, v, k_pos, k_seg, extra_values):
+                cut = functools.partial(jax.lax.slice_in_dim, start_index=0, limit_index=n)
+                return attend(q, cut(k, axis=key_axis), cut(v, axis=key_axis), k_pos=cut(k_pos, axis=1),
+                              k_seg=cut(k_seg, axis=1),
+                              extra_values=None if extra_values is None else cut(extra_values, axis=1), **kw)
+            return run
+
+        index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), key_fill), len(lengths) - 1)
+        return jax.lax.switch(index, [prefix(n) for n in lengths], k, v, k_pos, k_seg, extra_values)
     if implementation == "xla":
         if not heads_first:
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -74,6 +94,16 @@ def attend(
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
+
+
+def prefix_lengths(keys: int, smallest: int = 16) -> tuple[int, ...]:
+    """The key lengths a filling cache of ``keys`` slots is read at: powers of two from ``smallest``
+    below ``keys``, then ``keys`` (at most 2x the filled slots are read, with few compiled branches)."""
+    lengths = []
+    while smallest < keys:
+        lengths.append(smallest)
+        smallest *= 2
+    return (*lengths, keys)
 
 
 def _mask(q_pos, k_pos, q_seg, k_seg, causal):

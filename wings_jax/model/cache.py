@@ -44,6 +44,7 @@ class AttentionInputs:
     key_segments: jax.Array  # (B, S)
     slots: jax.Array | None = None  # (B, T) cache slot of each query token; None without a cache
     key_groups: jax.Array | None = None  # (B, S, G) groups whose attention mass the layers report
+    key_fill: jax.Array | None = None  # () with a cache: no query sees a slot >= key_fill (causal, slot = position)
 
     @classmethod
     def build(cls, positions: jax.Array, segments: jax.Array, cache: DecodeCache | None = None,
@@ -52,8 +53,9 @@ class AttentionInputs:
             return cls(positions, segments, positions, segments, key_groups=key_groups)
         # slot = position; padding tokens go past the end, where writes are dropped
         slots = jnp.where(segments != 0, positions, cache.max_length)
+        key_fill = jnp.max(jnp.where(segments != 0, positions + 1, 0))
         return cls(positions, segments, write_slots(cache.positions, positions, slots),
-                   write_slots(cache.segments, segments, slots), slots, key_groups)
+                   write_slots(cache.segments, segments, slots), slots, key_groups, key_fill)
 
     def keys(self, values: jax.Array, cached: jax.Array | None) -> jax.Array:
         """A per-token array (B, T) as a per-key one: ``values`` written over the ``cached`` slots (B, S)

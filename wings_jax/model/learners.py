@@ -205,7 +205,7 @@ class WingsBlock(nnx.Module):
         out, _ = attention_lib.attend(
             q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=attn.segments,
             k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
-            heads_first=cache is not None,
+            heads_first=cache is not None, key_fill=attn.key_fill,  # text keys sit at the main cache's slots
         )
         return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))
 
