@@ -161,8 +161,10 @@ class WingsModel(nnx.Module):
         if learners is None:  # plain Qwen2 layers
             return self.llm.run_layers(x, attn, cache)
         flags = jnp.asarray(self.layer_flags)
-        return self.llm.run_layers(x, attn, cache,
-                                   lambda layer, h, index, view: layer(h, attn, view, learners, flags[index]))
+        return self.llm.run_layers(
+            x, attn, cache, lambda layer, h, index, view, projected: layer(h, attn, view, learners, projected,
+                                                                            flags[index]),
+            per_layer=self.llm.layers.side.project_features(learners))
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
         """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
