@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wings_jax.model.attention import attend
+from wings_jax.model.attention import attend, prefix_lengths
 
 
 def _inputs(b=2, tq=16, tk=16, n=4, kv=2, d=8, seed=0):
@@ -142,3 +142,45 @@ def test_attention_remat_policy_runs_no_second_flash_forward():
     attention_forward = 2 * 2 * b * n * t * t * d
     assert flops("attention") - flops("none") < 0.1 * attention_forward
     assert flops("full") - flops("none") > 0.3 * attention_forward
+
+
+@pytest.mark.parametrize("implementation", ["xla", "dot_product"])
+def test_heads_first_keys_equal_keys_first(implementation):
+    """A decode cache's (B, K, S, D) keys and values give the same outputs as (B, S, K, D) ones."""
+    q, k, v, extra = _inputs(tq=3, tk=16)
+    q_pos = jnp.broadcast_to(jnp.arange(8, 11), (2, 3))
+    k_pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    q_seg, k_seg = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 16), jnp.int32).at[1, 12:].set(0)
+    kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=True, extra_values=extra,
+              implementation=implementation)
+    want = attend(q, k, v, **kw)
+    got = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), heads_first=True, **kw)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_prefix_lengths_double_up_to_the_key_count():
+    assert prefix_lengths(100) == (16, 32, 64, 100)
+    assert prefix_lengths(64) == (16, 32, 64)
+    assert prefix_lengths(10) == (10,)
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_attending_over_the_filled_prefix_equals_all_slots(heads_first):
+    """With key_fill, a cache's first few slots, or many (other prefix lengths), give all slots' outputs, and
+    slots past the prefix read are never touched (NaN there would poison the outputs)."""
+    q, k, v, extra = _inputs(tq=2, tk=100)
+    if heads_first:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    k_pos = jnp.broadcast_to(jnp.arange(100), (2, 100))
+    for fill in (3, 17, 40, 90):  # slots past fill hold stale keys: a cache's unfilled slots are never seen
+        q_pos = jnp.array([[fill - 2, fill - 1], [fill - 1, fill - 1]])
+        kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=jnp.ones((2, 2), jnp.int32), k_seg=jnp.ones((2, 100), jnp.int32),
+                  causal=True, extra_values=extra, heads_first=heads_first)
+        want = attend(q, k, v, **kw)
+        read = min(n for n in prefix_lengths(100) if n >= fill)
+        slot = jnp.arange(100)[:, None] if heads_first else jnp.arange(100)[:, None, None]
+        poisoned = jnp.where(slot >= read, jnp.nan, v)
+        got = jax.jit(lambda f, v: attend(q, k, v, key_fill=f, **kw))(jnp.int32(fill), poisoned)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

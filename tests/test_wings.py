@@ -220,3 +220,14 @@ def test_reference_mode_refuses_several_images_per_row():
     with pytest.raises(ValueError, match="mixing='reference' handles one image per row.*2 image slots"):
         model(_batch([ROWS["two_images"]]))
 
+
+def test_layer_invariant_projections_are_one_product_for_all_layers():
+    """The learners' A_k / A_v projections of their layer-invariant features (image features, token
+    embeddings) for every layer at once equal each layer's own product."""
+    side = tiny_model().llm.layers.side
+    feats = jax.random.normal(jax.random.key(0), (2, 5, TINY_LLM.hidden_size))
+    for learner in (side.visual, side.textual):
+        projected = learner.project_features(feats)  # (layers, B, M, 2 rank)
+        for layer in range(TINY_LLM.num_layers):
+            want = jnp.concatenate([feats @ learner.k_a[...][layer], feats @ learner.v_a[...][layer]], axis=-1)
+            np.testing.assert_allclose(np.asarray(projected[layer]), np.asarray(want), rtol=1e-5, atol=1e-6)

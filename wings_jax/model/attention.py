@@ -48,24 +48,62 @@ def attend(
     extra_values: jax.Array | None = None,
     implementation: Implementation = "xla",
     q_chunk: int = 512,
+    heads_first: bool = False,
+    key_fill: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K.
+    """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K; ``heads_first``: k, v
+    are (B, K, Tk, D), a decode cache's layout (what the xla path reads, so it needs no transpose).
+
+    ``key_fill`` (a scalar): no query sees a key at index >= key_fill (a cache's unfilled slots), so only
+    the shortest of :func:`prefix_lengths` that holds them is read (one branch per length, chosen at run
+    time: a decode loop reads more keys as it fills the cache, never all of them from its first step).
 
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
+    key_axis = 2 if heads_first else 1
+    kv_heads = k.shape[3 - key_axis]
+    if q.shape[2] % kv_heads:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {kv_heads}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lengths = prefix_lengths(k.shape[key_axis])
+    if key_fill is not None and len(lengths) > 1:
+        kw = dict(q_pos=q_pos, q_seg=q_seg, causal=causal, scale=scale, implementation=implementation,
+                  q_chunk=q_chunk, heads_first=heads_first)
+
+        def prefix(n):
+            def run(k, v, k_pos, k_seg, extra_values):
+                cut = functools.partial(jax.lax.slice_in_dim, start_index=0, limit_index=n)
+                return attend(q, cut(k, axis=key_axis), cut(v, axis=key_axis), k_pos=cut(k_pos, axis=1),
+                              k_seg=cut(k_seg, axis=1),
+                              extra_values=None if extra_values is None else cut(extra_values, axis=1), **kw)
+            return run
+
+        index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), key_fill), len(lengths) - 1)
+        return jax.lax.switch(index, [prefix(n) for n in lengths], k, v, k_pos, k_seg, extra_values)
     if implementation == "xla":
+        if not heads_first:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
     else:
+        if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
                                   "cudnn" if implementation == "cudnn" else None)
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
+
+
+def prefix_lengths(keys: int, smallest: int = 16) -> tuple[int, ...]:
+    """The key lengths a filling cache of ``keys`` slots is read at: powers of two from ``smallest``
+    below ``keys``, then ``keys`` (at most 2x the filled slots are read, with few compiled branches)."""
+    lengths = []
+    while smallest < keys:
+        lengths.append(smallest)
+        smallest *= 2
+    return (*lengths, keys)
 
 
 def _mask(q_pos, k_pos, q_seg, k_seg, causal):
@@ -76,11 +114,11 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal):
     return mask
 
 
-def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
+def _xla_chunked(q, kh, vh, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk):
+    """q (B, Tq, N, D) over head-major kh, vh (B, K, Tk, D)."""
     b, tq, n, d = q.shape
-    kv = k.shape[2]
+    kv = kh.shape[1]
     qh = jnp.moveaxis(q.reshape(b, tq, kv, n // kv, d), 1, 3)  # (B, K, G, Tq, D)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, Tk, D)
     # Every length is chunked: equal chunks of at most q_chunk queries; the padded tail queries have
     # segment 0 (they see nothing) and are dropped.
     num = -(-tq // q_chunk)
@@ -89,7 +127,7 @@ def _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_value
     qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad), (0, 0)))
     q_pos, q_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (q_pos, q_seg))
     channels = 0 if extra_values is None else extra_values.shape[-1]
-    ev = jnp.zeros((b, k.shape[1], 0), jnp.float32) if extra_values is None else extra_values.astype(jnp.float32)
+    ev = jnp.zeros((b, kh.shape[2], 0), jnp.float32) if extra_values is None else extra_values.astype(jnp.float32)
     out, extra = _flash(causal, scale, size, qh, kh, vh, ev, q_pos, k_pos, q_seg, k_seg)
     out = out[:, :, :, :tq]
     return jnp.moveaxis(out, 3, 1).reshape(b, tq, n, d), (extra[:, :tq] if channels else None)

@@ -15,7 +15,8 @@ from flax import struct
 class DecodeCache:
     """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
 
-    ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays with a leading layers axis.
+    ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays (layers, B, heads, S, head_dim):
+    heads before slots, the layout the attention reads, so a step transposes no cached keys.
     ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the Wings learners.
     """
 
@@ -43,6 +44,7 @@ class AttentionInputs:
     key_segments: jax.Array  # (B, S)
     slots: jax.Array | None = None  # (B, T) cache slot of each query token; None without a cache
     key_groups: jax.Array | None = None  # (B, S, G) groups whose attention mass the layers report
+    key_fill: jax.Array | None = None  # () with a cache: no query sees a slot >= key_fill (causal, slot = position)
 
     @classmethod
     def build(cls, positions: jax.Array, segments: jax.Array, cache: DecodeCache | None = None,
@@ -51,8 +53,9 @@ class AttentionInputs:
             return cls(positions, segments, positions, segments, key_groups=key_groups)
         # slot = position; padding tokens go past the end, where writes are dropped
         slots = jnp.where(segments != 0, positions, cache.max_length)
+        key_fill = jnp.max(jnp.where(segments != 0, positions + 1, 0))
         return cls(positions, segments, write_slots(cache.positions, positions, slots),
-                   write_slots(cache.segments, segments, slots), slots, key_groups)
+                   write_slots(cache.segments, segments, slots), slots, key_groups, key_fill)
 
     def keys(self, values: jax.Array, cached: jax.Array | None) -> jax.Array:
         """A per-token array (B, T) as a per-key one: ``values`` written over the ``cached`` slots (B, S)
@@ -82,12 +85,15 @@ class CacheView:
         return self.arrays[name][self.layer]
 
     def write_slots(self, name: str, values: jax.Array, slots: jax.Array) -> jax.Array:
-        """Writes values (B, T, ...) at slots (B, T) of this layer; returns the layer's updated buffer."""
+        """Writes values (B, T, heads, D) at slots (B, T) of this layer's (B, heads, S, D) buffer; returns
+        the layer's updated buffer."""
         rows = jnp.arange(values.shape[0])[:, None]
         buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer, rows, slots].set(values.astype(buffer.dtype), mode="drop")
+        # the slice between the advanced indices puts their (B, T) first: the update is values as given
+        self.arrays[name] = buffer.at[self.layer, rows, :, slots].set(values.astype(buffer.dtype), mode="drop")
         return self.read(name)
 
     def write_layer(self, name: str, values: jax.Array) -> None:
+        """Stores values (B, M, heads, D) as this layer's (B, heads, M, D) buffer."""
         buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer].set(values.astype(buffer.dtype))
+        self.arrays[name] = buffer.at[self.layer].set(jnp.swapaxes(values, 1, 2).astype(buffer.dtype))

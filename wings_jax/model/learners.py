@@ -113,10 +113,20 @@ class LoRRALearner(nnx.Module):
         x = x.astype(self.dtype)
         return rotary_embedding(self._heads(x + self._low_rank("q", x)), positions, theta)
 
-    def keys_values(self, feats: jax.Array, positions: jax.Array, theta: float) -> tuple[jax.Array, jax.Array]:
+    def project_features(self, feats: jax.Array) -> jax.Array:
+        """``feats (B, M, H) @ [A_k | A_v]`` for every layer at once, (layers, B, M, 2 rank), on the stacked
+        learner (parameters (layers, ...)): the features are the same for every layer, so this is one GEMM
+        outside the layer scan instead of two small ones per layer."""
+        a = jnp.concatenate([self.k_a[...], self.v_a[...]], axis=-1).astype(self.dtype)
+        return jnp.einsum("bmh,lhr->lbmr", feats.astype(self.dtype), a)
+
+    def keys_values(self, feats: jax.Array, projected: jax.Array, positions: jax.Array, theta: float
+                    ) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of features (B, M, H) given this layer's :meth:`project_features` (B, M, 2 rank)."""
         f = feats.astype(self.dtype)
-        k = rotary_embedding(self._heads(f + self._low_rank("k", f)), positions, theta)
-        return k, self._heads(f + self._low_rank("v", f))
+        low_k, low_v = jnp.split(projected.astype(self.dtype), 2, axis=-1)
+        k = rotary_embedding(self._heads(f + low_k @ self.k_b[...].astype(self.dtype)), positions, theta)
+        return k, self._heads(f + low_v @ self.v_b[...].astype(self.dtype))
 
     def output(self, attended: jax.Array) -> jax.Array:
         flat = attended.reshape(*attended.shape[:-2], -1)
@@ -155,35 +165,49 @@ class WingsBlock(nnx.Module):
     def router_values(self, key_positions: jax.Array) -> jax.Array | None:
         return self.router.rows(key_positions) if self.cfg.uses_router else None
 
-    def __call__(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None,
-                 learner_on):
+    def project_features(self, inputs: LearnerInputs) -> dict[str, jax.Array]:
+        """The learners' layer-invariant projections for every layer (on the stacked branch, before the
+        layer scan): 'visual' of the image features (absent when they are cached), 'textual' of the token
+        embeddings (finetune stage)."""
+        projected = {}
+        if inputs.image_feats is not None:
+            projected["visual"] = self.visual.project_features(inputs.image_feats)
+        if self.cfg.uses_router:
+            projected["textual"] = self.textual.project_features(inputs.text_feats)
+        return projected
+
+    def __call__(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, projected: dict[str, jax.Array],
+                 cache: CacheView | None, learner_on):
+        """``projected``: this layer's slice of :meth:`project_features`."""
         if self.all_layers:
-            return self._apply(h, router_in, attn, inputs, cache)
+            return self._apply(h, router_in, attn, inputs, projected, cache)
         # Layers outside learner_layers skip the learners at run time (one scanned body for all layers).
         if cache is None:
-            return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, attn, inputs, None), lambda: h)
+            return jax.lax.cond(learner_on, lambda: self._apply(h, router_in, attn, inputs, projected, None),
+                                lambda: h)
 
         def on(arrays):
             view = CacheView(arrays, cache.layer)
-            return self._apply(h, router_in, attn, inputs, view), view.arrays
+            return self._apply(h, router_in, attn, inputs, projected, view), view.arrays
 
         h, cache.arrays = jax.lax.cond(learner_on, on, lambda arrays: (h, arrays), cache.arrays)
         return h
 
-    def _apply(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
-        visual = self._visual(h, attn, inputs, cache)
+    def _apply(self, h, router_in, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
+        visual = self._visual(h, attn, inputs, projected, cache)
         if not self.cfg.uses_router:
             return h + visual
-        textual = self._textual(h, attn, inputs, cache)
+        textual = self._textual(h, attn, inputs, projected, cache)
         weights = self.router(router_in) * inputs.repeats[:, None, :]  # (B, T, 2), float32
         mixed = weights[..., :1].astype(h.dtype) * visual + weights[..., 1:].astype(h.dtype) * textual
         return h + mixed
 
-    def _visual(self, h, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
-        if inputs.image_feats is None:  # decoding: the image keys/values were cached at prefill
+    def _visual(self, h, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
+        cached = inputs.image_feats is None
+        if cached:  # decoding: the image keys/values were cached at prefill, (B, heads, M, D)
             k, v = cache.read("image_k"), cache.read("image_v")
         else:
-            k, v = self.visual.keys_values(inputs.image_feats, inputs.image_positions, self.theta)
+            k, v = self.visual.keys_values(inputs.image_feats, projected["visual"], inputs.image_positions, self.theta)
             if cache is not None:
                 cache.write_layer("image_k", k)
                 cache.write_layer("image_v", v)
@@ -191,12 +215,12 @@ class WingsBlock(nnx.Module):
         out, _ = attention_lib.attend(
             q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
-            q_chunk=self.rt.q_chunk,
+            q_chunk=self.rt.q_chunk, heads_first=cached,
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
-    def _textual(self, h, attn: AttentionInputs, inputs: LearnerInputs, cache: CacheView | None):
-        k, v = self.textual.keys_values(inputs.text_feats, attn.positions, self.theta)
+    def _textual(self, h, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
+        k, v = self.textual.keys_values(inputs.text_feats, projected["textual"], attn.positions, self.theta)
         if cache is not None:
             k = cache.write_slots("text_k", k, attn.slots)
             v = cache.write_slots("text_v", v, attn.slots)
@@ -204,6 +228,7 @@ class WingsBlock(nnx.Module):
         out, _ = attention_lib.attend(
             q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=attn.segments,
             k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            heads_first=cache is not None, key_fill=attn.key_fill,  # text keys sit at the main cache's slots
         )
         return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))
 
@@ -218,13 +243,14 @@ class WingsDecoderLayer(DecoderLayer):
         self.side = WingsBlock(llm, cfg, rt, rngs=rngs)
 
     def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None = None,
-                 learners: LearnerInputs | None = None, learner_on: jax.Array | bool = True
-                 ) -> tuple[jax.Array, jax.Array | None]:
-        """As :meth:`DecoderLayer.__call__`; ``learner_on`` False skips the branch (a layer outside
+                 learners: LearnerInputs | None = None, projected: dict[str, jax.Array] | None = None,
+                 learner_on: jax.Array | bool = True) -> tuple[jax.Array, jax.Array | None]:
+        """As :meth:`DecoderLayer.__call__`; ``projected`` is this layer's slice of
+        :meth:`WingsBlock.project_features`; ``learner_on`` False skips the branch (a layer outside
         ``learner_layers``). Without ``learners`` it is the plain Qwen2 layer: the language model
         alone (``WingsModel.llm(ids)``, e.g. to compare with its HF export)."""
         if learners is None:
             return super().__call__(x, inputs, cache)
         h, router_in, mass = self.attention_residual(x, inputs, cache, self.side.router_values(inputs.key_positions))
-        h = checkpoint_name(self.side(h, router_in, inputs, learners, cache, learner_on), RESIDUAL_NAME)
+        h = checkpoint_name(self.side(h, router_in, inputs, learners, projected, cache, learner_on), RESIDUAL_NAME)
         return self.mlp_residual(h), mass

@@ -72,6 +72,7 @@ class Attention(nnx.Module):
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
             causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            heads_first=cache is not None, key_fill=inputs.key_fill,
         )
         return self.o(out), extra
 
@@ -129,8 +130,9 @@ class DecoderLayer(nnx.Module):
         return constrain(y, ("act_batch", "act_length", "act_embed"))
 
 
-# (layer, hidden states, layer index, the layer's cache view) -> (hidden states, per-layer output or None)
-LayerCall = Callable[[DecoderLayer, jax.Array, jax.Array, CacheView | None], tuple[jax.Array, Any]]
+# (layer, hidden states, layer index, the layer's cache view, the layer's slice of run_layers' per_layer)
+#   -> (hidden states, per-layer output or None)
+LayerCall = Callable[[DecoderLayer, jax.Array, jax.Array, CacheView | None, Any], tuple[jax.Array, Any]]
 
 
 class Qwen2(nnx.Module):
@@ -170,20 +172,21 @@ class Qwen2(nnx.Module):
         return self.run_layers(x, inputs)[2]
 
     def run_layers(self, x: jax.Array, inputs: AttentionInputs, cache: DecodeCache | None = None,
-                   call: LayerCall | None = None) -> tuple[jax.Array, DecodeCache | None, Any]:
+                   call: LayerCall | None = None, per_layer: Any = None) -> tuple[jax.Array, DecodeCache | None, Any]:
         """Final-norm hidden states, the updated cache and the stacked per-layer outputs of ``call``
-        (default: ``layer(h, inputs, cache_view)``, returning the key groups' mass)."""
-        call = call or (lambda layer, h, index, view: layer(h, inputs, view))
+        (default: ``layer(h, inputs, cache_view)``, returning the key groups' mass). ``per_layer``: arrays
+        with a leading layers axis computed before the scan; ``call`` gets each layer's slice."""
+        call = call or (lambda layer, h, index, view, _: layer(h, inputs, view))
 
-        def body(layer, carry, index):
-            h, buffers = carry
+        def body(layer, carry, xs):
+            (h, buffers), (index, sliced) = carry, xs
             view = None if buffers is None else CacheView(buffers, index)
-            h, out = call(layer, h, index, view)
+            h, out = call(layer, h, index, view, sliced)
             return (h, None if view is None else view.arrays), out
 
         # The cache rides in the scan carry (updated in place), not in the per-layer outputs.
         carry = (x, None if cache is None else cache.layers)
-        (h, buffers), outs = run_stacked(self.layers, body, carry, jnp.arange(self.cfg.num_layers),
+        (h, buffers), outs = run_stacked(self.layers, body, carry, (jnp.arange(self.cfg.num_layers), per_layer),
                                          remat=self.rt.remat, scan=self.rt.scan_layers)
         new_cache = None
         if cache is not None:
@@ -210,9 +213,10 @@ class Qwen2(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int, extra_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None
                    ) -> DecodeCache:
-        """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype)."""
+        """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype),
+        (B, heads, slots, head_dim) like 'k' and 'v'."""
         cfg = self.cfg
-        kv_shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+        kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
         layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
         for name, (shape, dtype) in (extra_layers or {}).items():
             layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)

@@ -113,11 +113,11 @@ class WingsModel(nnx.Module):
         dtype = self.rt.dtype
         buffers = {}
         if self.cfg.wings.enabled:
-            buffers.update(image_k=((b, num_image_tokens, llm.num_heads, d), dtype),
-                        image_v=((b, num_image_tokens, llm.num_heads, d), dtype))
+            buffers.update(image_k=((b, llm.num_heads, num_image_tokens, d), dtype),
+                           image_v=((b, llm.num_heads, num_image_tokens, d), dtype))
         if self.cfg.wings.uses_router:  # the textual learner (finetune stage only) keeps keys per text slot
-            buffers.update(text_k=((b, max_length, llm.num_heads, d), dtype),
-                        text_v=((b, max_length, llm.num_heads, d), dtype))
+            buffers.update(text_k=((b, llm.num_heads, max_length, d), dtype),
+                           text_v=((b, llm.num_heads, max_length, d), dtype))
         cache = self.llm.init_cache(b, max_length, buffers)
         return self._run_cached(batch, cache, logits_at)
 
@@ -161,8 +161,10 @@ class WingsModel(nnx.Module):
         if learners is None:  # plain Qwen2 layers
             return self.llm.run_layers(x, attn, cache)
         flags = jnp.asarray(self.layer_flags)
-        return self.llm.run_layers(x, attn, cache,
-                                   lambda layer, h, index, view: layer(h, attn, view, learners, flags[index]))
+        return self.llm.run_layers(
+            x, attn, cache, lambda layer, h, index, view, projected: layer(h, attn, view, learners, projected,
+                                                                            flags[index]),
+            per_layer=self.llm.layers.side.project_features(learners))
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
         """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
