@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="remat policy (default: the preset's, else attention)")
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "dot_product"))
     parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--loss-positions", type=int, default=0,
+                        help="train.loss_positions: project only this many labelled positions per row (0: all)")
     return parser.parse_args(argv)
 
 
@@ -108,7 +110,8 @@ def main() -> None:
     c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=remat,
                           attention=args.attention))
     c.data.max_len = seq_len
-    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"], loss_chunk=preset.get("loss_chunk", min(512, seq_len))))
+    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"],
+                        loss_chunk=preset.get("loss_chunk", min(512, seq_len)), loss_positions=args.loss_positions))
     c.optim.groups = PRETRAIN_GROUPS if args.stage == "pretrain" else FINETUNE_GROUPS
     c.mesh.update(dict(data=-1, fsdp=args.fsdp, tensor=1))
     c.lock()
@@ -138,7 +141,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{mesh.size} ({jax.default_backend()})")
     print(f"preset {args.preset}, stage {args.stage}: {total / 1e6:.1f}M parameters ({trainable_count / 1e6:.1f}M "
           f"trainable), batch {c.train.global_batch_size} x {seq_len} tokens, {c.runtime.dtype} compute, "
-          f"remat {remat}, attention {args.attention}")
+          f"remat {remat}, attention {args.attention}, loss positions {args.loss_positions or 'all'}")
     print(f"step time {seconds * 1e3:.1f} ms (median of {len(times)}), {tokens / seconds:,.0f} tokens/s, "
           f"model FLOPs/step {p.flops_per_step:.3e}, "
           f"MFU {'n/a (peak unknown)' if utilisation is None else f'{utilisation:.1%}'}, "
