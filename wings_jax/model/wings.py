@@ -162,7 +162,7 @@ class WingsModel(nnx.Module):
             return self.llm.run_layers(x, attn, cache)
         flags = jnp.asarray(self.layer_flags)
         return self.llm.run_layers(x, attn, cache,
-                                   lambda layer, h, index, view: layer(h, attn, view, learners, flags[index]))
+                                   lambda layer, h, attn, index, view: layer(h, attn, view, learners, flags[index]))
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
         """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
