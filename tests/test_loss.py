@@ -66,6 +66,8 @@ def test_labelled_positions_only_equal_dense_cross_entropy(positions):
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     for got, want in zip(grads, want_grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    frozen_head = jax.jit(jax.grad(lambda h: loss(h, kernel)))(hidden)  # stage 1: the LM head not differentiated
+    np.testing.assert_allclose(np.asarray(frozen_head), np.asarray(want_grads[0]), atol=1e-5)
 
 
 def _head_rows(fn, *args) -> set[int]:
