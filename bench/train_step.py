@@ -6,8 +6,9 @@
     python bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batch 8 --attention cudnn   # on a GPU
 
 The step is ``wings_jax.training.plan.plan(...)``'s (the one training runs), on all local devices with a
-data-parallel mesh. The first step (compilation) is excluded; the figures are the median of the
-timed steps. MFU uses wings_jax.flops (model FLOPs of the padded shapes) and the device's peak;
+data-parallel mesh, compiled ahead (XLA's memory plan of the step is printed). The first run is excluded;
+the figures are the median of the timed steps. MFU uses wings_jax.flops (model FLOPs of the padded shapes)
+and the device's peak;
 on CPU, where no peak is listed, the step's FLOP rate is reported as a fraction of a 2048^3 float32
 matmul timed in the same run instead.
 """
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="remat policy (default: the preset's, else attention)")
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "dot_product"))
     parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--loss-positions", type=int, default=0,
+                        help="train.loss_positions: project only this many labelled positions per row (0: all)")
     return parser.parse_args(argv)
 
 
@@ -107,7 +110,8 @@ def main() -> None:
     c.runtime.update(dict(dtype=args.dtype or ("float32" if on_cpu else "bfloat16"), remat=remat,
                           attention=args.attention))
     c.data.max_len = seq_len
-    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"], loss_chunk=preset.get("loss_chunk", min(512, seq_len))))
+    c.train.update(dict(steps=1000, global_batch_size=args.batch or preset["batch"],
+                        loss_chunk=preset.get("loss_chunk", min(512, seq_len)), loss_positions=args.loss_positions))
     c.optim.groups = PRETRAIN_GROUPS if args.stage == "pretrain" else FINETUNE_GROUPS
     c.mesh.update(dict(data=-1, fsdp=args.fsdp, tensor=1))
     c.lock()
@@ -120,12 +124,13 @@ def main() -> None:
                            cfg.llm.vocab_size)
     batch = {k: jax.device_put(v, p.batch_shapes[k].sharding) for k, v in host.items()}
 
+    compiled = p.step_fn.lower(trainable, frozen, opt_state, jnp.int32(0), batch).compile()
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        trainable, opt_state, metrics = p.step_fn(trainable, frozen, opt_state, jnp.int32(step), batch)
+        trainable, opt_state, metrics = compiled(trainable, frozen, opt_state, jnp.int32(step), batch)
         jax.block_until_ready(metrics["loss"])
-        if step:  # step 0 compiles
+        if step:  # step 0 warms up
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     tokens = c.train.global_batch_size * seq_len
@@ -136,11 +141,16 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind} x{mesh.size} ({jax.default_backend()})")
     print(f"preset {args.preset}, stage {args.stage}: {total / 1e6:.1f}M parameters ({trainable_count / 1e6:.1f}M "
           f"trainable), batch {c.train.global_batch_size} x {seq_len} tokens, {c.runtime.dtype} compute, "
-          f"remat {remat}, attention {args.attention}")
+          f"remat {remat}, attention {args.attention}, loss positions {args.loss_positions or 'all'}")
     print(f"step time {seconds * 1e3:.1f} ms (median of {len(times)}), {tokens / seconds:,.0f} tokens/s, "
           f"model FLOPs/step {p.flops_per_step:.3e}, "
           f"MFU {'n/a (peak unknown)' if utilisation is None else f'{utilisation:.1%}'}, "
           f"final loss {float(metrics['loss']):.3f}")
+    memory = compiled.memory_analysis()
+    if memory is not None:  # XLA's plan for the compiled step: activations and other temporaries, per device
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        print(f"compiled memory per device: temporaries {mib(memory.temp_size_in_bytes)}, "
+              f"arguments {mib(memory.argument_size_in_bytes)}, outputs {mib(memory.output_size_in_bytes)}")
     if utilisation is None:  # no listed peak (CPU): compare with a large matmul timed now, on the same machine
         rate = p.flops_per_step / seconds
         matmul = matmul_flops_per_second()

@@ -120,3 +120,17 @@ def test_the_run_check_uses_the_checks_the_data_and_inference_share(argv, proces
     cfg, _, _ = parse_command_line(argv, default=DEMO)
     with pytest.raises(ConfigError, match=message):
         run_config.check_run(cfg, run_config.model_config(cfg), 1, process_count)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.train.loss_positions=200"], r"^train.loss_positions=200 must be 0 \(every position\) or at most "
+                                            r"data.max_len=128 and a multiple of train.loss_chunk=128 \(or below it\)"),
+    (["--config.train.loss_positions=40", "--config.train.loss_chunk=32"], r"^train.loss_positions=40 must be"),
+    (["--config.train.loss_logits_dtype=int8"], r"^train.loss_logits_dtype='int8'; choose one of"),
+])
+def test_loss_settings_no_step_can_run_are_refused(argv, message):
+    cfg, _, _ = parse_command_line(argv, default=DEMO)
+    with pytest.raises(ConfigError, match=message):
+        run_config.check_run(cfg, run_config.model_config(cfg), 1, 1)
+    ok, _, _ = parse_command_line(["--config.train.loss_positions=32", "--config.train.loss_chunk=64"], default=DEMO)
+    run_config.check_run(ok, run_config.model_config(ok), 1, 1)  # fewer positions than a chunk: one chunk

@@ -87,6 +87,21 @@ def test_remat_gives_identical_gradients(tmp_path):
     assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(reference))
 
 
+def test_rope_tables_are_built_once_per_call(hf_dir):
+    """One cos table for every layer's queries and keys (scanned or unrolled), not two per layer."""
+    directory, _ = hf_dir
+    ids = jnp.ones((2, 8), jnp.int32)
+
+    def cosines(jaxpr):
+        return sum((eq.primitive.name == "cos") + sum(cosines(sub) for sub in jax.core.jaxprs_in_params(eq.params))
+                   for eq in jaxpr.eqns)
+
+    for scan in (True, False):
+        model = load_qwen(directory, Runtime(scan_layers=scan))
+        assert model.cfg.num_layers > 1
+        assert cosines(jax.make_jaxpr(lambda i: model(i))(ids).jaxpr) == 1
+
+
 def test_every_parameter_has_logical_axes(tmp_path):
     make_qwen(tmp_path, "qwen1.5", vocab_size=VOCAB)
     state = nnx.state(load_qwen(str(tmp_path)), nnx.Param)

@@ -265,15 +265,18 @@ def test_planning_needs_the_data_shapes_not_its_sources(demo_data, tmp_path):
         train(cfg, str(tmp_path / "run"), mesh=_single_device_mesh())
 
 
-def test_gradient_accumulation_matches_one_big_batch(demo_data, tmp_path):
+def test_gradient_accumulation_and_labelled_positions_match_one_big_batch(demo_data, tmp_path):
     one = train(_config(demo_data, "train.steps=2", "checkpoint.every=100"), str(tmp_path / "a"),
                 mesh=_single_device_mesh())
     four = train(_config(demo_data, "train.steps=2", "checkpoint.every=100", "train.grad_accum=4"),
                  str(tmp_path / "b"), mesh=_single_device_mesh())
-    a, b = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))
-    assert one["step"] == four["step"] == 2
+    labelled = train(_config(demo_data, "train.steps=2", "checkpoint.every=100", "train.loss_positions=16"),
+                     str(tmp_path / "c"), mesh=_single_device_mesh())
+    a, b, c = (_losses(str(tmp_path / d)) for d in "abc")
+    assert one["step"] == four["step"] == labelled["step"] == 2
     for step in (1, 2):
         assert abs(a[step] - b[step]) < 1e-5
+        assert abs(a[step] - c[step]) < 1e-5  # the loss over labelled positions only is the same loss
 
 
 def test_init_from_a_workdir_is_separate_from_resuming(demo_data, tmp_path):

@@ -5,7 +5,9 @@ A multiply-add counts as 2 FLOPs. Training costs, per component:
 - backward: activation gradients (F) wherever a trainable parameter lies upstream, plus weight
   gradients (F) for the component's own trainable matmuls; attention scores cost 2F backward.
 The vision tower is frozen and cut from the graph: forward only. Counts use the padded shapes
-the hardware computes (batch x max_len, all image slots).
+the hardware computes (batch x max_len, all image slots); with the loss over labelled positions only
+(``loss_positions``), the LM head counts those slots per row (a batch whose rows hold more labelled
+positions runs the head over every position, which the count does not follow).
 """
 from __future__ import annotations
 
@@ -60,14 +62,15 @@ class FlopCount:
         return sum(self.training.values())
 
 
-def _forward(cfg: WingsModelConfig, seq_len: int, images_per_row: int) -> dict[str, float]:
-    """Forward FLOPs of one row of ``seq_len`` tokens with ``images_per_row`` image slots."""
+def _forward(cfg: WingsModelConfig, seq_len: int, images_per_row: int, loss_positions: int) -> dict[str, float]:
+    """Forward FLOPs of one row of ``seq_len`` tokens with ``images_per_row`` image slots, the LM head over
+    ``loss_positions`` of them (0: all)."""
     llm, w = cfg.llm, cfg.wings
     h, t, layers = llm.hidden_size, seq_len, llm.num_layers
     q_dim, kv_dim = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
     per_token = 2 * h * (q_dim + 2 * kv_dim) + 2 * q_dim * h + 2 * 3 * h * llm.intermediate_size
     out = {
-        "llm": t * (layers * per_token + 2 * h * llm.vocab_size),
+        "llm": t * layers * per_token + (loss_positions or t) * 2 * h * llm.vocab_size,
         # causal QK^T and PV: half of 2 * 2 * t * t * heads * head_dim
         "attention": layers * 2 * t * t * q_dim,
         "router": 0.0, "projector": 0.0, "vision": 0.0,
@@ -94,14 +97,15 @@ def _forward(cfg: WingsModelConfig, seq_len: int, images_per_row: int) -> dict[s
 
 
 def count_flops(cfg: WingsModelConfig, *, batch: int, seq_len: int, images_per_row: int,
-                trainable: Iterable[str]) -> FlopCount:
+                trainable: Iterable[str], loss_positions: int = 0) -> FlopCount:
     """FLOPs of one forward and one training step; ``trainable`` names components from COMPONENTS
-    ('llm' covers its weights, 'learners' the learners and routers, 'projector')."""
+    ('llm' covers its weights, 'learners' the learners and routers, 'projector'); ``loss_positions`` as
+    ``train.loss_positions`` (0: the LM head over every position)."""
     trainable = set(trainable)
     unknown = trainable - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
-    fwd = {k: batch * v for k, v in _forward(cfg, seq_len, images_per_row).items()}
+    fwd = {k: batch * v for k, v in _forward(cfg, seq_len, images_per_row, loss_positions).items()}
     # Gradients flow from the loss down to the lowest trainable component: the projector sits
     # below every layer, the learners below all but the top layers (counted as all).
     grads_flow = bool(trainable & {"llm", "learners", "projector"})

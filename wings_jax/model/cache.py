@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wings_jax.model.layers import Rotary
+
 
 @struct.dataclass
 class DecodeCache:
@@ -45,6 +47,7 @@ class AttentionInputs:
     slots: jax.Array | None = None  # (B, T) cache slot of each query token; None without a cache
     key_groups: jax.Array | None = None  # (B, S, G) groups whose attention mass the layers report
     key_fill: jax.Array | None = None  # () with a cache: no query sees a slot >= key_fill (causal, slot = position)
+    rope: Rotary | None = None  # RoPE tables at ``positions``, built once per call by ``Qwen2.run_layers``
 
     @classmethod
     def build(cls, positions: jax.Array, segments: jax.Array, cache: DecodeCache | None = None,

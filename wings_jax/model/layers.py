@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from wings_jax.model.attention import ATTENTION_NAME
 
@@ -98,16 +98,32 @@ class LayerNorm(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (the "rotate half" layout of transformers' Llama/Qwen2)
 
+@struct.dataclass
+class Rotary:
+    """RoPE's cos / sin tables (batch, length, 1, head_dim), float32, at given positions: a model call
+    builds them once and every layer's projections apply them (no angles recomputed per projection)."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+    @classmethod
+    def at(cls, positions: jax.Array, theta: float, head_dim: int) -> "Rotary":
+        """The tables at integer ``positions`` (batch, length)."""
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, D/2)
+        angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+        return cls(jnp.cos(angles), jnp.sin(angles))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """RoPE of ``x`` (batch, length, heads, head_dim), in ``x``'s dtype."""
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
+        return x * self.cos.astype(x.dtype) + rotated * self.sin.astype(x.dtype)
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Applies RoPE to ``x`` of shape (batch, length, heads, head_dim) at integer ``positions`` (batch, length)."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, D/2)
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return Rotary.at(positions, theta, x.shape[-1])(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.cache import AttentionInputs, CacheView, DecodeCache
-from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, rotary_embedding, run_stacked, stacked
+from wings_jax.model.layers import RESIDUAL_NAME, Embed, Linear, RMSNorm, Rotary, run_stacked, stacked
 from wings_jax.model.runtime import Runtime
 from wings_jax.sharding import constrain
 
@@ -61,8 +61,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, inputs: AttentionInputs, cache: CacheView | None,
                  extra_values: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
         positions = inputs.positions
-        q = rotary_embedding(self.q(x), positions, self.cfg.rope_theta)
-        k = rotary_embedding(self.k(x), positions, self.cfg.rope_theta)
+        q, k = inputs.rope(self.q(x)), inputs.rope(self.k(x))
         v = self.v(x)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
@@ -130,9 +129,10 @@ class DecoderLayer(nnx.Module):
         return constrain(y, ("act_batch", "act_length", "act_embed"))
 
 
-# (layer, hidden states, layer index, the layer's cache view, the layer's slice of run_layers' per_layer)
-#   -> (hidden states, per-layer output or None)
-LayerCall = Callable[[DecoderLayer, jax.Array, jax.Array, CacheView | None, Any], tuple[jax.Array, Any]]
+# (layer, hidden states, the call's attention inputs, layer index, the layer's cache view, the layer's slice of
+#  run_layers' per_layer) -> (hidden states, per-layer output or None)
+LayerCall = Callable[[DecoderLayer, jax.Array, AttentionInputs, jax.Array, CacheView | None, Any],
+                     tuple[jax.Array, Any]]
 
 
 class Qwen2(nnx.Module):
@@ -175,13 +175,15 @@ class Qwen2(nnx.Module):
                    call: LayerCall | None = None, per_layer: Any = None) -> tuple[jax.Array, DecodeCache | None, Any]:
         """Final-norm hidden states, the updated cache and the stacked per-layer outputs of ``call``
         (default: ``layer(h, inputs, cache_view)``, returning the key groups' mass). ``per_layer``: arrays
-        with a leading layers axis computed before the scan; ``call`` gets each layer's slice."""
-        call = call or (lambda layer, h, index, view, _: layer(h, inputs, view))
+        with a leading layers axis computed before the scan; ``call`` gets each layer's slice, and ``inputs``
+        with their RoPE tables, built here once for every layer."""
+        call = call or (lambda layer, h, attn, index, view, _: layer(h, attn, view))
+        inputs = inputs.replace(rope=Rotary.at(inputs.positions, self.cfg.rope_theta, self.cfg.head_dim))
 
         def body(layer, carry, xs):
             (h, buffers), (index, sliced) = carry, xs
             view = None if buffers is None else CacheView(buffers, index)
-            h, out = call(layer, h, index, view, sliced)
+            h, out = call(layer, h, inputs, index, view, sliced)
             return (h, None if view is None else view.arrays), out
 
         # The cache rides in the scan carry (updated in place), not in the per-layer outputs.

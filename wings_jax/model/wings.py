@@ -162,8 +162,8 @@ class WingsModel(nnx.Module):
             return self.llm.run_layers(x, attn, cache)
         flags = jnp.asarray(self.layer_flags)
         return self.llm.run_layers(
-            x, attn, cache, lambda layer, h, index, view, projected: layer(h, attn, view, learners, projected,
-                                                                            flags[index]),
+            x, attn, cache, lambda layer, h, attn, index, view, projected: layer(h, attn, view, learners, projected,
+                                                                                  flags[index]),
             per_layer=self.llm.layers.side.project_features(learners))
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:

@@ -86,7 +86,8 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
                     for k, (s, t) in BatchSpec(b, d.max_len, d.max_images, image).shapes().items()}
 
     step = make_train_step(graphdef, tx, schedules, grad_accum=cfg.train.grad_accum,
-                           loss_chunk=cfg.train.loss_chunk, mesh=mesh, rules=rules)
+                           loss_chunk=cfg.train.loss_chunk, mesh=mesh, rules=rules,
+                           loss_positions=cfg.train.loss_positions, loss_logits_dtype=cfg.train.loss_logits_dtype)
     step_fn = jax.jit(
         step,
         in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, {k: v.sharding for k, v in batch_shapes.items()}),
@@ -95,7 +96,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     )
     components = {component(p) for p in owner}
     flops = count_flops(model_cfg, batch=b, seq_len=d.max_len, images_per_row=d.max_images,
-                        trainable=components).training_total
+                        trainable=components, loss_positions=cfg.train.loss_positions).training_total
     return Plan(cfg, model_cfg, make_model, owner, tx, abstract_trainable, abstract_frozen,
                 abstract_opt, batch_shapes, step_fn, flops)
 

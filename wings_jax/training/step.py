@@ -22,17 +22,20 @@ def to_micro_batches(x: jax.Array, accum: int) -> jax.Array:
 
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedules: Mapping[str, optax.Schedule], *,
-    grad_accum: int, loss_chunk: int, mesh: jax.sharding.Mesh, rules: Rules,
+    grad_accum: int, loss_chunk: int, mesh: jax.sharding.Mesh, rules: Rules, loss_positions: int = 0,
+    loss_logits_dtype: str = "float32",
 ) -> Callable:
     """``step(trainable, frozen, opt_state, step_number, batch) -> (trainable, opt_state, metrics)``.
 
     ``trainable`` / ``frozen`` are pure parameter pytrees; only ``trainable`` is differentiated.
+    ``loss_*`` are :func:`~wings_jax.training.loss.chunked_cross_entropy`'s chunk, positions and logits dtype.
     """
 
     def loss_sum(trainable, frozen, batch, targets, weights):
         model = nnx.merge(graphdef, trainable, frozen)
         hidden = model.hidden_states(batch)
-        return chunked_cross_entropy(hidden, model.llm.output_kernel(), targets, weights, loss_chunk)
+        return chunked_cross_entropy(hidden, model.llm.output_kernel(), targets, weights, loss_chunk,
+                                     positions=loss_positions, logits_dtype=loss_logits_dtype)
 
     def step(trainable, frozen, opt_state, step_number, batch):
         with activation_sharding(mesh, rules):
