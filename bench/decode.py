@@ -79,7 +79,7 @@ def main(argv=None) -> None:
                                  Runtime(dtype=args.dtype, param_dtype=args.dtype))
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
-    decoder = Engine(model)
+    engine = Engine(model)
     rng = np.random.RandomState(0)
     n, new = args.prompt_tokens, args.new_tokens
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {torch.get_num_threads()} torch "
@@ -100,13 +100,13 @@ def main(argv=None) -> None:
 
         def ours(block):
             def run(k):
-                decoder.steps_per_dispatch = block
-                return decoder.generate(prompts, k)
+                engine.steps_per_dispatch = block
+                return engine.generate(prompts, k)
             return run
 
         blocks = [int(b) for b in args.steps_per_dispatch.split(",")]
         runs = {f"ours/{b}": ours(b) for b in blocks}
-        runs["recompute"] = lambda k: decoder.generate(prompts, k, recompute=True)
+        runs["recompute"] = lambda k: engine.generate(prompts, k, recompute=True)
         if not args.no_transformers:
             runs["transformers"] = hf_generate
         counts = {name: (1, new) for name in runs}

@@ -23,7 +23,7 @@ from wings_jax.convert.wings_params import build_from_hf
 from wings_jax.data.assemble import Prompt
 from wings_jax.inference import Engine, Sampling, pad_prompts, sample_tokens
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.qwen import Runtime
+from wings_jax.model.runtime import Runtime
 
 BLOCK, PROMPT = 16, 256
 
@@ -36,18 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def step_ms(decoder: Engine, batch: int, vocab: int, slots: int) -> float:
+def step_ms(engine: Engine, batch: int, vocab: int, slots: int) -> float:
     ids = np.random.RandomState(0).randint(0, vocab - 1, (batch, PROMPT)).astype(np.int32)
     prompts = [Prompt(row, np.arange(PROMPT, dtype=np.int32), np.arange(PROMPT) >= 16,
                       np.zeros((0, 1, 1, 3), np.float32), np.zeros(0, bool)) for row in ids]
     lengths, settings, key = np.full(batch, PROMPT, np.int32), Sampling().values(), jax.random.key(0)
-    steps = decoder._steps
-    tokens, cache = steps.prefill(decoder.state, pad_prompts(prompts, PROMPT), lengths, key, settings,
+    steps = engine._steps
+    tokens, cache = steps.prefill(engine.state, pad_prompts(prompts, PROMPT), lengths, key, settings,
                                   max_length=slots)
     times = []
     for _ in range(4):
         start = time.perf_counter()
-        out, _, _, cache, *_ = steps.extend_block(decoder.state, cache, tokens, jnp.asarray(lengths), jnp.int32(1),
+        out, _, _, cache, *_ = steps.extend_block(engine.state, cache, tokens, jnp.asarray(lengths), jnp.int32(1),
                                                   jnp.zeros(batch, bool), key, settings, jnp.asarray([-1]),
                                                   np.int32(BLOCK), block=BLOCK)
         out.block_until_ready()
@@ -91,9 +91,9 @@ def main(argv=None) -> None:
     print(f"device: {jax.devices()[0].device_kind}; LLM {SHAPES[args.shape]}; batch {args.batch}, "
           f"{PROMPT}-token prompt")
     for name, model in models.items():
-        decoder = Engine(model)
+        engine = Engine(model)
         for slots in (int(s) for s in args.cache_slots.split(",")):
-            print(f"step {name:>8}, {slots:5} cache slots: {step_ms(decoder, args.batch, vocab, slots):7.2f} ms")
+            print(f"step {name:>8}, {slots:5} cache slots: {step_ms(engine, args.batch, vocab, slots):7.2f} ms")
     logits = jax.random.normal(jax.random.key(0), (args.batch, vocab)) * 3
     ours, sorting = jax.jit(sample_tokens), jax.jit(sorted_cutoff_sampling)
     for kw in (dict(top_k=50), dict(), dict(top_p=0.9)):

@@ -52,14 +52,14 @@ PROMPTS = [make_prompt(6, seed=1), make_prompt(13, 1, seed=2), make_prompt(14, s
 NEW = 10
 
 
-def teacher_forced_argmax(decoder, prompts, generations):
+def teacher_forced_argmax(engine, prompts, generations):
     """What greedy decoding must produce: argmax of the full forward over prompt + generated tokens."""
     full = [p._replace(tokens=np.concatenate([p.tokens, np.asarray(g.token_ids[:-1], np.int32)]),
                        positions=np.arange(len(p.tokens) + len(g.token_ids) - 1, dtype=np.int32),
                        text_mask=np.concatenate([p.text_mask, np.ones(len(g.token_ids) - 1, bool)]))
             for p, g in zip(prompts, generations)]
     return [np.argmax(logits[len(p.tokens) - 1:], axis=-1).tolist()
-            for p, logits in zip(prompts, decoder.logits(full))]
+            for p, logits in zip(prompts, engine.logits(full))]
 
 
 def strong_model(stage="finetune", **wings):
@@ -74,34 +74,34 @@ def strong_model(stage="finetune", **wings):
 
 @pytest.mark.parametrize("stage", ["finetune", "pretrain"])
 def test_cached_greedy_equals_recomputation(stage):
-    decoder = Engine(strong_model(stage))
-    cached = decoder.generate(PROMPTS, NEW)
-    recomputed = decoder.generate(PROMPTS, NEW, recompute=True)
+    engine = Engine(strong_model(stage))
+    cached = engine.generate(PROMPTS, NEW)
+    recomputed = engine.generate(PROMPTS, NEW, recompute=True)
     assert [g.token_ids for g in cached] == [g.token_ids for g in recomputed]
     assert all(len(g.token_ids) == NEW and g.finish_reason == "length" for g in cached)
     if stage == "finetune":  # and both equal the plain forward's choices (one stage is enough: compile time)
-        assert [g.token_ids for g in cached] == teacher_forced_argmax(decoder, PROMPTS, cached)
+        assert [g.token_ids for g in cached] == teacher_forced_argmax(engine, PROMPTS, cached)
 
 
 def test_batched_equals_one_by_one():
-    decoder = Engine(strong_model())
-    batched = decoder.generate(PROMPTS, NEW)
+    engine = Engine(strong_model())
+    batched = engine.generate(PROMPTS, NEW)
     for prompt, together in zip(PROMPTS[:4], batched):
-        assert decoder.generate([prompt], NEW) == [together]
+        assert engine.generate([prompt], NEW) == [together]
 
 
 def test_blocks_of_steps_on_device_equal_one_block():
     """Blocks that end mid-generation (3 steps per dispatch) and rows that stop in different blocks give the
     tokens of a single block."""
-    decoder = Engine(strong_model())
-    whole = decoder.generate(PROMPTS, NEW)
+    engine = Engine(strong_model())
+    whole = engine.generate(PROMPTS, NEW)
     stop = whole[0].token_ids[4]
-    decoder.steps_per_dispatch = 3
-    assert decoder.generate(PROMPTS, NEW) == whole
-    decoder.steps_per_dispatch = NEW
-    stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
-    decoder.steps_per_dispatch = 3
-    assert decoder.generate(PROMPTS, NEW, stop_ids=[stop]) == stopped
+    engine.steps_per_dispatch = 3
+    assert engine.generate(PROMPTS, NEW) == whole
+    engine.steps_per_dispatch = NEW
+    stopped = engine.generate(PROMPTS, NEW, stop_ids=[stop])
+    engine.steps_per_dispatch = 3
+    assert engine.generate(PROMPTS, NEW, stop_ids=[stop]) == stopped
 
 
 def test_learners_change_what_is_generated():
@@ -114,10 +114,10 @@ def test_learners_change_what_is_generated():
 
 
 def test_stop_tokens_end_each_row_separately():
-    decoder = Engine(strong_model())
-    free = decoder.generate(PROMPTS, NEW)
+    engine = Engine(strong_model())
+    free = engine.generate(PROMPTS, NEW)
     stop = free[0].token_ids[3]
-    stopped = decoder.generate(PROMPTS, NEW, stop_ids=[stop])
+    stopped = engine.generate(PROMPTS, NEW, stop_ids=[stop])
     assert stopped[0].token_ids == free[0].token_ids[:free[0].token_ids.index(stop)]
     for f, s in zip(free, stopped):
         if stop in f.token_ids:
@@ -127,15 +127,15 @@ def test_stop_tokens_end_each_row_separately():
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
-    decoder = Engine(strong_model())
+    engine = Engine(strong_model())
     warm = Sampling(temperature=2.0)
-    first = decoder.generate(PROMPTS, NEW, warm, seed=7)
-    assert first == decoder.generate(PROMPTS, NEW, warm, seed=7)
-    assert first != decoder.generate(PROMPTS, NEW, warm, seed=8)
-    greedy = decoder.generate(PROMPTS, NEW)
+    first = engine.generate(PROMPTS, NEW, warm, seed=7)
+    assert first == engine.generate(PROMPTS, NEW, warm, seed=7)
+    assert first != engine.generate(PROMPTS, NEW, warm, seed=8)
+    greedy = engine.generate(PROMPTS, NEW)
     assert first != greedy
-    assert decoder.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_k=1), seed=7) == greedy
-    assert decoder.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_p=1e-6), seed=7) == greedy
+    assert engine.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_k=1), seed=7) == greedy
+    assert engine.generate(PROMPTS, NEW, Sampling(temperature=2.0, top_p=1e-6), seed=7) == greedy
 
 
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
@@ -169,20 +169,20 @@ def test_sampling_draws_the_tokens_of_a_full_sort():
 
 
 def test_new_sampling_settings_never_recompile():
-    decoder = Engine(strong_model())
-    decoder.generate(PROMPTS[:2], NEW)
-    steps = (decoder._steps.prefill, decoder._steps.extend_block)
+    engine = Engine(strong_model())
+    engine.generate(PROMPTS[:2], NEW)
+    steps = (engine._steps.prefill, engine._steps.extend_block)
     compiled = [step._cache_size() for step in steps]
     for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_k=500),
                dict(temperature=1.0, top_p=0.9), dict(temperature=2.0, top_k=3, top_p=0.5)):
-        decoder.generate(PROMPTS[:2], NEW, Sampling(**kw), seed=1)
+        engine.generate(PROMPTS[:2], NEW, Sampling(**kw), seed=1)
     assert [step._cache_size() for step in steps] == compiled
 
 
 def test_router_limit_and_bad_settings_are_refused():
-    decoder = Engine(tiny_model(seed=3))  # router_max_len 128
+    engine = Engine(tiny_model(seed=3))  # router_max_len 128
     with pytest.raises(GenerationError, match="router_max_len"):
-        decoder.generate([make_prompt(100)], 40)
+        engine.generate([make_prompt(100)], 40)
     for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
         with pytest.raises(GenerationError, match=next(iter(bad))):
             Sampling(**bad)
@@ -190,17 +190,17 @@ def test_router_limit_and_bad_settings_are_refused():
 
 def test_reference_mixing_decodes_by_recomputation():
     """The released textual learner sees later text, so each token comes from the sequence so far only."""
-    decoder = Engine(strong_model(mixing="reference"))
+    engine = Engine(strong_model(mixing="reference"))
     prompts = [make_prompt(13, 1, seed=5), make_prompt(10, seed=6)]  # 17 and 10 tokens: one bucket throughout
-    result = decoder.generate(prompts, 4)
+    result = engine.generate(prompts, 4)
     for k in range(4):
         so_far = [p._replace(tokens=np.concatenate([p.tokens, np.asarray(g.token_ids[:k], np.int32)]),
                              positions=np.arange(len(p.tokens) + k, dtype=np.int32),
                              text_mask=np.concatenate([p.text_mask, np.ones(k, bool)]))
                   for p, g in zip(prompts, result)]
-        assert [int(np.argmax(logits[-1])) for logits in decoder.logits(so_far)] == [g.token_ids[k] for g in result]
+        assert [int(np.argmax(logits[-1])) for logits in engine.logits(so_far)] == [g.token_ids[k] for g in result]
     with pytest.raises(GenerationError, match="recompute"):
-        decoder.generate(prompts, 4, recompute=False)
+        engine.generate(prompts, 4, recompute=False)
 
 
 # ---------------------------------------------------------------------------------------------

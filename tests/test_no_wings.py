@@ -64,9 +64,9 @@ def test_cached_generation_equals_recomputation():
     prompt = Prompt(tokens, np.arange(len(tokens), dtype=np.int32), tokens != IMAGE_TOKEN_ID,
                     rng.uniform(-1, 1, (1, TINY_VISION.image_size, TINY_VISION.image_size, 3)).astype(np.float32),
                     np.ones(1, bool))
-    decoder = Engine(model)
-    cached = decoder.generate([prompt], 6, recompute=False)
-    assert cached == decoder.generate([prompt], 6, recompute=True)
+    engine = Engine(model)
+    cached = engine.generate([prompt], 6, recompute=False)
+    assert cached == engine.generate([prompt], 6, recompute=True)
 
 
 def test_import_hf_no_wings_matches_transformers_and_exports(tmp_path, capsys):

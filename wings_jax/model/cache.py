@@ -19,13 +19,13 @@ class DecodeCache:
 
     ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays (layers, B, heads, S, head_dim):
     heads before slots, the layout the attention reads, so a step transposes no cached keys.
-    ``segments`` is 0 for empty slots. ``side`` holds per-sequence metadata of the Wings learners.
+    ``segments`` is 0 for empty slots. ``learners`` holds per-sequence metadata of the Wings learners.
     """
 
     layers: dict[str, jax.Array]
     positions: jax.Array  # (B, S)
     segments: jax.Array  # (B, S)
-    side: dict[str, jax.Array] = struct.field(default_factory=dict)
+    learners: dict[str, jax.Array] = struct.field(default_factory=dict)
 
     @property
     def max_length(self) -> int:

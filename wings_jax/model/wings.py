@@ -2,7 +2,7 @@
 
 Entry points (big_vision style): ``embed_image``, ``embed_text``, ``__call__`` / ``hidden_states``
 (teacher-forced forward of a batch, see docs/architecture.md for its keys), ``prefill`` and
-``extend`` (incremental decoding with a :class:`~wings_jax.model.qwen.DecodeCache`).
+``extend`` (incremental decoding with a :class:`~wings_jax.model.cache.DecodeCache`).
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class WingsModel(nnx.Module):
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
         if learners is not None:
-            cache = cache.replace(side={**cache.side, "text_segments": learners.text_key_segments,
+            cache = cache.replace(learners={**cache.learners, "text_segments": learners.text_key_segments,
                                         "image_positions": learners.image_positions,
                                         "image_mask_pos": learners.image_mask_pos,
                                         "image_segments": learners.image_segments})
@@ -216,17 +216,17 @@ class WingsModel(nnx.Module):
             per_image = image_positions.reshape(b, -1, self.cfg.tokens_per_image)
             image_mask_pos = jnp.broadcast_to(per_image[:, :, :1], per_image.shape).reshape(b, m)
             image_feats = flat
-        elif cache is not None and "image_positions" in cache.side:
+        elif cache is not None and "image_positions" in cache.learners:
             image_feats = None
-            image_positions, image_mask_pos = cache.side["image_positions"], cache.side["image_mask_pos"]
-            image_segments = cache.side["image_segments"]
+            image_positions, image_mask_pos = cache.learners["image_positions"], cache.learners["image_mask_pos"]
+            image_segments = cache.learners["image_segments"]
         else:  # no images at all: one key that nobody sees, so the visual learner adds exactly 0
             image_feats = jnp.zeros((b, 1, x.shape[-1]), x.dtype)
             image_positions = image_mask_pos = image_segments = jnp.zeros((b, 1), jnp.int32)
 
         # The textual learner's keys are the main attention's, minus image slots (text_mask).
         text_segments = attn.keys(jnp.where(text_mask, segments, 0),
-                                  None if cache is None else cache.side.get("text_segments"))
+                                  None if cache is None else cache.learners.get("text_segments"))
         learners = LearnerInputs(
             image_feats=image_feats, image_positions=image_positions, image_mask_pos=image_mask_pos,
             image_segments=image_segments, image_query_segments=segments, text_feats=x,
