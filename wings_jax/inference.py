@@ -116,7 +116,7 @@ def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns
     """A generation prompt for a model of config ``cfg`` (image size and slots from its tower)."""
     if images and cfg.vision is None:
         raise GenerationError("this model has no vision tower; it cannot take images")
-    return encode_prompt(tokenizer, turns, images, image_size=cfg.vision.image_size if cfg.vision else 0,
+    return encode_prompt(tokenizer, turns, images, image_size=cfg.image_size,
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
 
 

@@ -36,6 +36,11 @@ class WingsModelConfig:
     def tokens_per_image(self) -> int:
         return 0 if self.vision is None else self.vision.num_positions
 
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of the tower's input; 0 without a tower."""
+        return 0 if self.vision is None else self.vision.image_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

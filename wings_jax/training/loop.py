@@ -104,7 +104,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh 
     full_abstract = merge_params(p.abstract_trainable, p.abstract_frozen)
     restored = ckpt.restore_newest(full_abstract, p.abstract_opt_state)
     data = make_data_iterator(
-        cfg.data, tokenizer=tokenizer, image_size=p.model_cfg.vision.image_size if p.model_cfg.vision else 0,
+        cfg.data, tokenizer=tokenizer, image_size=p.model_cfg.image_size,
         tokens_per_image=p.model_cfg.tokens_per_image, global_batch_size=cfg.train.global_batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     if restored is not None:

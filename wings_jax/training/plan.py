@@ -81,7 +81,7 @@ def plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, process_count:
     abstract_opt = _with_shardings(opt_shapes, opt_sh)
 
     b, d = cfg.train.global_batch_size, cfg.data
-    image = model_cfg.vision.image_size if model_cfg.vision else 0
+    image = model_cfg.image_size
     batch_shapes = {k: jax.ShapeDtypeStruct(s, t, sharding=sharding.batch_sharding(mesh, len(s), rules))
                     for k, (s, t) in BatchSpec(b, d.max_len, d.max_images, image).shapes().items()}
 
