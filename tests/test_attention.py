@@ -184,3 +184,56 @@ def test_attending_over_the_filled_prefix_equals_all_slots(heads_first):
         got = jax.jit(lambda f, v: attend(q, k, v, key_fill=f, **kw))(jnp.int32(fill), poisoned)
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("router", [True, False])
+@pytest.mark.parametrize("keys", ["right_padding", "holes"])  # holes: non-keys inside the row (image slots)
+def test_padded_rows_take_the_mask_as_structure(monkeypatch, causal, router, keys):
+    """rows='padded' on the jax.nn path: no mask array reaches jax.nn.dot_product_attention (causality by
+    index, non-keys by the exclusion channel), and outputs, router sums and gradients equal the xla path."""
+    q, k, v, extra = _inputs(n=4, kv=2, d=8)
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    q_seg = jnp.array([[1] * 12 + [0] * 4, [1] * 16])
+    k_seg = q_seg if keys == "right_padding" else q_seg.at[:, :3].set(0).at[1, 7:9].set(0)
+    extra = extra if router else None
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+
+    def run(implementation, rows):
+        def f(q, k, v, extra):
+            out, summed = attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
+                                 extra_values=extra, implementation=implementation, rows=rows)
+            loss = jnp.sum(jnp.sin(out)) + (0.0 if summed is None else jnp.sum(jnp.cos(summed)))
+            return loss, (out, summed)
+        (_, outs), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3) if router else (0, 1, 2), has_aux=True)(
+            q, k, v, extra)
+        return outs, grads
+
+    (out, summed), grads = run("dot_product", "padded")
+    assert calls and all(c.get("mask") is None and c.get("bias") is None and c["is_causal"] == causal for c in calls)
+    (want_out, want_summed), want_grads = run("xla", "packed")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=2e-6)
+    if router:
+        np.testing.assert_allclose(np.asarray(summed), np.asarray(want_summed), atol=2e-6)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    if causal and keys == "holes":  # the first three queries see no key: exactly 0
+        assert not np.any(np.asarray(out)[:, :3])
+
+
+def test_packed_rows_keep_the_dense_mask(monkeypatch):
+    q, k, v, _ = _inputs()
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16])
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, implementation="dot_product")
+    assert calls[0]["mask"] is not None and not calls[0]["is_causal"]

@@ -134,3 +134,12 @@ def test_loss_settings_no_step_can_run_are_refused(argv, message):
         run_config.check_run(cfg, run_config.model_config(cfg), 1, 1)
     ok, _, _ = parse_command_line(["--config.train.loss_positions=32", "--config.train.loss_chunk=64"], default=DEMO)
     run_config.check_run(ok, run_config.model_config(ok), 1, 1)  # fewer positions than a chunk: one chunk
+
+
+def test_runtime_rows_follow_data_packing_and_are_not_a_key():
+    """Unpacked data lets the cudnn / dot_product attentions take masks as structure; packed data keeps the
+    dense mask. The layout is the data's, so no command-line key can contradict it."""
+    assert run_config.runtime(load_config(DEMO, ["data.packing=False"])).rows == "padded"
+    assert run_config.runtime(load_config(DEMO, ["data.packing=True"])).rows == "packed"
+    with pytest.raises(ConfigError):
+        load_config(DEMO, ["runtime.rows=padded"])

@@ -17,6 +17,17 @@ Two implementations:
 - ``"cudnn"`` / ``"dot_product"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU
   for ``"cudnn"``, XLA's choice for ``"dot_product"``). Extra channels ride along as additional
   value channels (query/key zero-padded to the same head size, the scale fixed explicitly).
+
+How those two take the mask depends on ``rows``:
+- ``"padded"`` (one sequence per row, right padding: what inference and unpacked training feed): as
+  structure, never as an (L, L) array: ``is_causal`` (by index, which is by position in such rows) and
+  one constant query/key channel that pushes every non-key (segment 0: padding, or the textual learner's
+  image slots) ``EXCLUDED_LOGIT`` below the rest, so cuDNN runs its causal flash kernel without a bias
+  (no dbias in the backward, no (L, L) memory). The channel adds exactly 0 to every real key's logit.
+- ``"packed"`` (several sequences per row, or causality that is not by index): a dense (B, 1, Tq, Tk)
+  boolean mask, which JAX turns into a bias (the public API takes no segment ids).
+A call with a cache and causality (prefill, decode: queries at slots, not at key indices) takes the dense
+mask; for decode that is (B, 1, T, S) with T small: linear in the cache length.
 """
 from __future__ import annotations
 
@@ -30,8 +41,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 Implementation = Literal["xla", "cudnn", "dot_product"]
 IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
+Rows = Literal["packed", "padded"]
+ROWS = ("packed", "padded")
 ATTENTION_NAME = "attention"  # checkpoint name of attention outputs (and the xla path's log-sum-exp)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
+# The exclusion channel's key value: finite in float16 and bfloat16, and times any head size's scale
+# (>= 1/16 up to 256-wide heads) a logit far below every real one, so excluded keys get weight exactly 0.
+_EXCLUDE_KEY = -30000.0
 
 
 def attend(
@@ -50,6 +66,7 @@ def attend(
     q_chunk: int = 512,
     heads_first: bool = False,
     key_fill: jax.Array | None = None,
+    rows: Rows = "packed",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K; ``heads_first``: k, v
     are (B, K, Tk, D), a decode cache's layout (what the xla path reads, so it needs no transpose).
@@ -58,10 +75,15 @@ def attend(
     the shortest of :func:`prefix_lengths` that holds them is read (one branch per length, chosen at run
     time: a decode loop reads more keys as it fills the cache, never all of them from its first step).
 
+    ``rows="padded"`` promises one sequence per row with right padding (segment ids 0 or one value per
+    row); the cudnn / dot_product paths then take the mask as structure (see the module docstring).
+
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if rows not in ROWS:
+        raise ValueError(f"unknown row layout {rows!r}; choose one of {ROWS}")
     key_axis = 2 if heads_first else 1
     kv_heads = k.shape[3 - key_axis]
     if q.shape[2] % kv_heads:
@@ -70,7 +92,7 @@ def attend(
     lengths = prefix_lengths(k.shape[key_axis])
     if key_fill is not None and len(lengths) > 1:
         kw = dict(q_pos=q_pos, q_seg=q_seg, causal=causal, scale=scale, implementation=implementation,
-                  q_chunk=q_chunk, heads_first=heads_first)
+                  q_chunk=q_chunk, heads_first=heads_first, rows=rows)
 
         def prefix(n):
             def run(k, v, k_pos, k_seg, extra_values):
@@ -89,8 +111,10 @@ def attend(
     else:
         if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        # structure needs causality by index: keys are the queries themselves (no cache slots)
+        structured = rows == "padded" and not (causal and (heads_first or key_fill is not None))
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
-                                  "cudnn" if implementation == "cudnn" else None)
+                                  "cudnn" if implementation == "cudnn" else None, structured)
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
@@ -232,7 +256,7 @@ def _pad_length(a: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(a, widths)
 
 
-def _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation):
+def _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation, structured):
     if implementation == "cudnn":
         # cuDNN's fused kernels take only some sequence lengths (e.g. not 729 image keys): pad queries and
         # keys to a multiple of 64; padded keys have segment 0 (never seen), padded queries are dropped.
@@ -241,29 +265,42 @@ def _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_value
         k, v, k_pos, k_seg = (_pad_length(a, _CUDNN_LENGTH_MULTIPLE) for a in (k, v, k_pos, k_seg))
         if extra_values is not None:
             extra_values = _pad_length(extra_values, _CUDNN_LENGTH_MULTIPLE)
-        out, extra = _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation)
+        out, extra = _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
+                                         implementation, structured)
         return out[:, :tq], (None if extra is None else extra[:, :tq])
-    return _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation)
+    return _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation,
+                               structured)
 
 
-def _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation):
+def _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, implementation,
+                        structured):
     d = q.shape[-1]
-    mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)
-    seen = jnp.any(mask, axis=-1)
+    if structured:
+        mask = None
+        is_key = k_seg != 0
+        # a query sees a key iff it is real and some real key is at or (when causal) before its index
+        sees_any = jnp.cumsum(is_key, axis=1) > 0 if causal else jnp.any(is_key, axis=1, keepdims=True)
+        seen = (q_seg != 0) & sees_any
+    else:
+        mask = _mask(q_pos, k_pos, q_seg, k_seg, causal)
+        seen = jnp.any(mask, axis=-1)
     channels = 0 if extra_values is None else extra_values.shape[-1]
-    if channels:
-        # One extra group of value channels carries the router rows; queries and keys are padded with
-        # zeros to the same head size (a multiple of 8 for cuDNN), which leaves q.k unchanged.
-        width = -(-(d + channels) // 8) * 8
+    if channels or structured:
+        # Queries and keys are padded with zeros to one head size (a multiple of 8 for cuDNN), which leaves
+        # q.k unchanged: the values' extra group carries the router rows, and with structure the first
+        # padded q/k channel is the exclusion channel (query 1, key _EXCLUDE_KEY at non-keys, else 0).
+        width = -(-(d + max(channels, int(structured))) // 8) * 8
         pad = width - d
         q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad)))
         k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad)))
-        shared = jnp.broadcast_to(extra_values.astype(v.dtype)[:, :, None, :], (*v.shape[:3], channels))
+        if structured:
+            q = q.at[..., d].set(1)
+            k = k.at[..., d].set(jnp.where(is_key, 0.0, _EXCLUDE_KEY)[:, :, None].astype(k.dtype))
+        shared = jnp.zeros((*v.shape[:3], 0), v.dtype) if extra_values is None else jnp.broadcast_to(
+            extra_values.astype(v.dtype)[:, :, None, :], (*v.shape[:3], channels))
         v = jnp.concatenate([v, shared, jnp.zeros((*v.shape[:3], pad - channels), v.dtype)], axis=-1)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale,
+                                       is_causal=structured and causal, implementation=implementation)
     out = jnp.where(seen[:, :, None, None], out, 0.0)
-    extra = None
-    if channels:
-        extra = jnp.sum(out[..., d:d + channels].astype(jnp.float32), axis=2)
-        out = out[..., :d]
-    return out, extra
+    extra = None if not channels else jnp.sum(out[..., d:d + channels].astype(jnp.float32), axis=2)
+    return out[..., :d], extra

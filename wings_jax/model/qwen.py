@@ -71,7 +71,7 @@ class Attention(nnx.Module):
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
             causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
-            heads_first=cache is not None, key_fill=inputs.key_fill,
+            heads_first=cache is not None, key_fill=inputs.key_fill, rows=self.rt.rows,
         )
         return self.o(out), extra
 

@@ -23,6 +23,10 @@ class Runtime:
     remat: str = "none"  # per-layer policy, see layers.REMAT_POLICIES
     scan_layers: bool = True
     q_chunk: int = 512  # query chunk of the "xla" attention
+    # "padded": batches hold one sequence per row, right-padded: the cudnn / dot_product attentions take their
+    # masks as structure (no (L, L) mask). "packed": rows may hold several (a dense mask). Training derives it
+    # from data.packing; see model.attention.
+    rows: str = "packed"
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -30,3 +34,5 @@ class Runtime:
                 raise ValueError(f"runtime.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
         if self.attention not in attention_lib.IMPLEMENTATIONS:
             raise ValueError(f"runtime.attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
+        if self.rows not in attention_lib.ROWS:
+            raise ValueError(f"runtime.rows={self.rows!r}; choose one of {attention_lib.ROWS}")

@@ -91,7 +91,7 @@ class SiglipAttention(nnx.Module):
         pos = jnp.zeros(x.shape[:2], jnp.int32)
         out, _ = attention_lib.attend(
             q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=False,
-            implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+            implementation=self.rt.attention, q_chunk=self.rt.q_chunk, rows="padded",  # every image is whole
         )
         return self.out(out)
 

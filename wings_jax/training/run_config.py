@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     # remat "attention" in both stages: it never re-runs attention, and on issue 12's tiny Wings (CPU) it stepped
     # as fast as "none" and "full" with 31% (stage 2) / 22% (stage 1) less planned memory than "none", 8% more than
     # "full" (README, remat row). The full-size recipes keep "full", the policy their slices were planned with.
-    c.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime(dtype="bfloat16", remat="attention")))
+    # runtime.rows is not a key: it follows data.packing (see runtime())
+    c.runtime = ml_collections.ConfigDict(
+        {k: v for k, v in dataclasses.asdict(Runtime(dtype="bfloat16", remat="attention")).items() if k != "rows"})
     c.data = default_data_config()
     c.demo_data = ml_collections.ConfigDict({"dir": "", "num_records": 0})  # generate the demo set there
     c.train = ml_collections.ConfigDict({
@@ -153,8 +155,10 @@ def optim_settings(cfg: ml_collections.ConfigDict, model: WingsModelConfig) -> d
 
 
 def runtime(cfg: ml_collections.ConfigDict) -> Runtime:
+    """The model's runtime: ``cfg.runtime``, and rows packed or padded as the data pipeline makes them (so
+    the cudnn / dot_product attentions take their masks as structure on unpacked data)."""
     try:
-        return Runtime(**cfg.runtime)
+        return Runtime(**cfg.runtime, rows="packed" if cfg.data.packing else "padded")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"runtime config: {e}") from None
 
