@@ -2,9 +2,11 @@
 
     python bench/attention_check.py
 
-Checks, for the Wings main-attention case (causal, packed segments, padding, GQA, router channels)
-in bfloat16, that every available implementation agrees with the "xla" one (max abs difference of
-outputs and router sums), then times forward + backward of each at 2048 tokens.
+Checks, for the Wings main-attention case (causal, router channels) in bfloat16 on two row layouts,
+that every available implementation agrees with the "xla" one (max abs difference of outputs and router
+sums), then times forward + backward of each at 2048 tokens. Layouts: "packed" (a row of two segments
+and padding: the jax.nn paths take a dense mask) and "padded" (one sequence per row, right padding: they
+take the mask as structure, ``attend(rows="padded")``).
 """
 from __future__ import annotations
 
@@ -16,31 +18,38 @@ import jax.numpy as jnp
 from wings_jax.model.attention import attend
 
 
-def inputs(b=2, t=2048, n=16, kv=16, d=128, dtype=jnp.bfloat16):
+def inputs(rows, b=2, t=2048, n=16, kv=16, d=128, dtype=jnp.bfloat16):
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (b, t, n, d), dtype)
     k = jax.random.normal(ks[1], (b, t, kv, d), dtype)
     v = jax.random.normal(ks[2], (b, t, kv, d), dtype)
     extra = jax.random.normal(ks[3], (b, t, 2), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    seg = jnp.concatenate([jnp.ones((1, t), jnp.int32),
-                           jnp.where(jnp.arange(t) < t // 2, 1, jnp.where(jnp.arange(t) < t - 100, 2, 0))[None]])
+    second = jnp.where(jnp.arange(t) < t // 2, 1, jnp.where(jnp.arange(t) < t - 100, 2, 0)) if rows == "packed" \
+        else jnp.where(jnp.arange(t) < t - 100, 1, 0)
+    seg = jnp.concatenate([jnp.ones((1, t), jnp.int32), second[None]])
     return q, k, v, extra, pos, seg
 
 
-def run(implementation, q, k, v, extra, pos, seg):
+def run(implementation, rows, q, k, v, extra, pos, seg):
     return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, extra_values=extra,
-                  implementation=implementation)
+                  implementation=implementation, rows=rows)
 
 
 def main() -> None:
-    args = inputs()
-    reference = jax.jit(lambda *a: run("xla", *a))(*args)
+    print(f"device {jax.devices()[0].device_kind}; bf16, batch 2 x 2048, 16 heads x 128, causal + router")
+    for rows in ("packed", "padded"):
+        check(rows)
+
+
+def check(rows: str) -> None:
+    args = inputs(rows)
+    reference = jax.jit(lambda *a: run("xla", rows, *a))(*args)
     valid = args[-1] != 0
-    print(f"device {jax.devices()[0].device_kind}; bf16, batch 2 x 2048, 16 heads x 128, causal + segments + router")
+    print(f"rows {rows}:")
     for implementation in ("xla", "dot_product", "cudnn"):
         try:
-            out, router = jax.jit(lambda *a, i=implementation: run(i, *a))(*args)
+            out, router = jax.jit(lambda *a, i=implementation: run(i, rows, *a))(*args)
         except Exception as e:  # noqa: BLE001 - report what this backend cannot do
             print(f"{implementation:12s} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
             continue
@@ -48,7 +57,7 @@ def main() -> None:
         d_router = jnp.abs(router - reference[1])[valid].max()
 
         def loss(q, k, v, i=implementation):
-            o, r = run(i, q, k, v, *args[3:])
+            o, r = run(i, rows, q, k, v, *args[3:])
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(r)
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
