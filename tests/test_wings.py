@@ -231,3 +231,27 @@ def test_layer_invariant_projections_are_one_product_for_all_layers():
         for layer in range(TINY_LLM.num_layers):
             want = jnp.concatenate([feats @ learner.k_a[...][layer], feats @ learner.v_a[...][layer]], axis=-1)
             np.testing.assert_allclose(np.asarray(projected[layer]), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage,learner_layers", [("finetune", None), ("pretrain", None), ("finetune", (1,))])
+def test_separate_layers_compute_what_stacked_layers_do(stage, learner_layers):
+    """with_separate_layers (how inference runs): the same logits, and the same prefill / extend logits with
+    a cache of per-layer arrays in place of stacked ones (to float32 rounding: XLA fuses the two differently)."""
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)  # noqa: E731
+    model = tiny_model(stage, learner_layers=learner_layers)
+    separate = model.with_separate_layers()
+    assert isinstance(separate.llm.layers, nnx.List) and len(separate.llm.layers) == TINY_LLM.num_layers
+    batch = _batch([ROWS["one_image"], ROWS["text"]])
+    close(separate(batch), model(batch))
+    prompt = {k: v[:, :14] for k, v in batch.items() if k not in ("labels",)} | {
+        k: batch[k] for k in ("images", "image_mask")}
+    logits, cache = model.prefill(prompt, 20)
+    logits_separate, cache_separate = separate.prefill(prompt, 20)
+    assert isinstance(cache_separate.layers["k"], tuple) and len(cache_separate.layers["k"]) == TINY_LLM.num_layers
+    close(logits_separate, logits)
+    for name, stacked_buffer in cache.layers.items():
+        close(np.stack(cache_separate.layers[name]), stacked_buffer)
+    tokens, positions = jnp.array([[3], [4]]), jnp.array([[14], [14]])
+    extended, _ = model.extend(tokens, positions, cache)
+    extended_separate, _ = separate.extend(tokens, positions, cache_separate)
+    close(extended_separate, extended)

@@ -18,7 +18,10 @@ class DecodeCache:
     """Keys and values of every layer for incremental decoding; slot s of row b holds position s.
 
     ``layers`` maps names ('k', 'v', and the Wings learners' own) to arrays (layers, B, heads, S, head_dim):
-    heads before slots, the layout the attention reads, so a step transposes no cached keys.
+    heads before slots, the layout the attention reads, so a step transposes no cached keys. A model whose
+    layers are separate modules (``layers.unstacked``, how inference runs) keeps a tuple of per-layer arrays
+    (B, heads, S, head_dim) instead: each layer reads and updates its own buffer in place, never a slice
+    copied out of a stacked one.
     ``segments`` is 0 for empty slots. ``learners`` holds per-sequence metadata of the Wings learners.
     """
 
@@ -75,13 +78,14 @@ def write_slots(buffer: jax.Array, values: jax.Array, slots: jax.Array) -> jax.A
 
 
 class CacheView:
-    """One layer's view of the stacked cache buffers, carried through the layer scan.
+    """One layer's view of the cache buffers, carried through the layers.
 
-    Writes go straight into the stacked (layers, ...) arrays at this layer's index, so a decode step
-    writes only its new slots instead of copying every layer's cache.
+    Writes go straight into this layer's part: at its index of a stacked (layers, ...) array (a traced
+    index inside the layer scan), or its own array of a per-layer tuple (a Python index in an unrolled
+    loop), so a decode step writes only its new slots instead of copying every layer's cache.
     """
 
-    def __init__(self, arrays: dict[str, jax.Array], layer: jax.Array):
+    def __init__(self, arrays: dict[str, jax.Array | tuple[jax.Array, ...]], layer: jax.Array | int):
         self.arrays, self.layer = dict(arrays), layer
 
     def read(self, name: str) -> jax.Array:
@@ -91,12 +95,20 @@ class CacheView:
         """Writes values (B, T, heads, D) at slots (B, T) of this layer's (B, heads, S, D) buffer; returns
         the layer's updated buffer."""
         rows = jnp.arange(values.shape[0])[:, None]
-        buffer = self.arrays[name]
         # the slice between the advanced indices puts their (B, T) first: the update is values as given
-        self.arrays[name] = buffer.at[self.layer, rows, :, slots].set(values.astype(buffer.dtype), mode="drop")
-        return self.read(name)
+        return self._set(name, (rows, slice(None), slots), values)
 
     def write_layer(self, name: str, values: jax.Array) -> None:
         """Stores values (B, M, heads, D) as this layer's (B, heads, M, D) buffer."""
+        self._set(name, (Ellipsis,), jnp.swapaxes(values, 1, 2))
+
+    def _set(self, name: str, index: tuple, values: jax.Array) -> jax.Array:
+        """``buffer[index] = values`` in this layer's part of buffer ``name``; returns that part."""
         buffer = self.arrays[name]
-        self.arrays[name] = buffer.at[self.layer].set(jnp.swapaxes(values, 1, 2).astype(buffer.dtype))
+        if isinstance(buffer, tuple):
+            i = int(self.layer)
+            layer = buffer[i].at[index].set(values.astype(buffer[i].dtype), mode="drop")
+            self.arrays[name] = (*buffer[:i], layer, *buffer[i + 1:])
+        else:
+            self.arrays[name] = buffer.at[(self.layer, *index)].set(values.astype(buffer.dtype), mode="drop")
+        return self.read(name)

@@ -156,6 +156,24 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs:
     return layers
 
 
+def unstacked(layers: nnx.Module) -> nnx.List:
+    """The layers of a :func:`stacked` module as separate modules, each with its own arrays.
+
+    How inference runs (an unrolled loop, as MaxText decodes with ``scan_layers=False``): a layer scan slices
+    each layer's weights and cache out of the stacked arrays, and XLA's CPU backend copies every such slice
+    before its matmuls, at every decode step (see the README's decode rows).
+    """
+    graphdef, state = nnx.split(layers)
+    modules = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        module = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        for _, variable in nnx.iter_graph(module):
+            if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
+                variable.set_metadata(logical_axes=tuple(variable.get_metadata()["logical_axes"])[1:])
+        modules.append(module)
+    return nnx.List(modules)
+
+
 def run_stacked(
     layers: nnx.Module,
     body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
@@ -167,25 +185,29 @@ def run_stacked(
 ) -> tuple[Any, Any]:
     """Runs ``body(layer, carry, x) -> (carry, y)`` over stacked ``layers`` (and per-layer ``xs``).
 
-    ``scan=False`` unrolls a Python loop over the same parameters (for tests and debugging);
-    ``remat`` names a policy of :data:`REMAT_POLICIES` applied to each layer.
+    ``scan=False`` unrolls a Python loop over the same parameters (for tests and debugging); ``layers``
+    of :func:`unstacked` modules (inference) run unrolled, each layer on its own arrays, its ``xs`` with
+    Python / numpy values as given (no remat: nothing is differentiated there). ``remat`` names a policy of
+    :data:`REMAT_POLICIES` applied to each stacked layer.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    graphdef, state = nnx.split(layers)
+    separate = isinstance(layers, nnx.List)
+    graphdef, state = nnx.split(layers[0] if separate else layers)
 
     def step(carry, inputs):
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    if remat != "none":
+    if remat != "none" and not separate:
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-    if scan:
+    if scan and not separate:
         return jax.lax.scan(step, carry, (state, xs))
-    num = jax.tree.leaves(state)[0].shape[0]
+    num = len(layers) if separate else jax.tree.leaves(state)[0].shape[0]
     ys = []
     for i in range(num):
-        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        layer_state = nnx.state(layers[i]) if separate else jax.tree.map(lambda a: a[i], state)
+        carry, y = step(carry, (layer_state, jax.tree.map(lambda a: a[i], xs)))
         ys.append(y)
     stacked_ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jnp.stack(a), *ys)
     return carry, stacked_ys

@@ -118,7 +118,7 @@ class LoRRALearner(nnx.Module):
         learner (parameters (layers, ...)): the features are the same for every layer, so this is one GEMM
         outside the layer scan instead of two small ones per layer."""
         a = jnp.concatenate([self.k_a[...], self.v_a[...]], axis=-1).astype(self.dtype)
-        return jnp.einsum("bmh,lhr->lbmr", feats.astype(self.dtype), a)
+        return jnp.einsum("bmh,...hr->...bmr", feats.astype(self.dtype), a)  # "...": a stacked learner's layers
 
     def keys_values(self, feats: jax.Array, projected: jax.Array, positions: jax.Array, theta: float
                     ) -> tuple[jax.Array, jax.Array]:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -188,7 +189,8 @@ class Qwen2(nnx.Module):
 
         # The cache rides in the scan carry (updated in place), not in the per-layer outputs.
         carry = (x, None if cache is None else cache.layers)
-        (h, buffers), outs = run_stacked(self.layers, body, carry, (jnp.arange(self.cfg.num_layers), per_layer),
+        # numpy indices: a Python int per layer in an unrolled loop (each indexes its own cache arrays)
+        (h, buffers), outs = run_stacked(self.layers, body, carry, (np.arange(self.cfg.num_layers), per_layer),
                                          remat=self.rt.remat, scan=self.rt.scan_layers)
         new_cache = None
         if cache is not None:
@@ -218,10 +220,13 @@ class Qwen2(nnx.Module):
         """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype),
         (B, heads, slots, head_dim) like 'k' and 'v'."""
         cfg = self.cfg
-        kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
-        layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
-        for name, (shape, dtype) in (extra_layers or {}).items():
-            layers[name] = jnp.zeros((cfg.num_layers, *shape), dtype)
+        kv_shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+        shapes = {"k": (kv_shape, self.rt.dtype), "v": (kv_shape, self.rt.dtype), **(extra_layers or {})}
+        if isinstance(self.layers, nnx.List):  # separate layers: an array per layer (see DecodeCache)
+            layers = {name: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+                      for name, (shape, dtype) in shapes.items()}
+        else:
+            layers = {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name, (shape, dtype) in shapes.items()}
         zeros = jnp.zeros((batch, max_length), jnp.int32)
         return DecodeCache(layers=layers, positions=zeros, segments=zeros)
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from wings_jax.model.cache import AttentionInputs, DecodeCache
 from wings_jax.model.inputs import IMAGE_TOKEN_ID, normalize
+from wings_jax.model.layers import unstacked
 from wings_jax.model.learners import LearnerInputs, WingsConfig, WingsDecoderLayer
 from wings_jax.model.projector import Projector
 from wings_jax.model.qwen import Qwen2, QwenConfig
@@ -104,6 +105,15 @@ class WingsModel(nnx.Module):
         """Logits (B, L, vocab) of a teacher-forced batch."""
         return self.llm.logits(self.hidden_states(batch))
 
+    def with_separate_layers(self) -> "WingsModel":
+        """This model with its decoder layers as separate modules (:func:`~wings_jax.model.layers.unstacked`),
+        how inference runs them: an unrolled loop whose caches are per-layer arrays. Same outputs; the
+        parameters are copied (the stacked ones stay with ``self``)."""
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state)
+        model.llm.layers = unstacked(model.llm.layers)
+        return model
+
     def prefill(self, batch: Batch, max_length: int, logits_at: jax.Array | None = None
                 ) -> tuple[jax.Array, DecodeCache]:
         """Runs the prompt batch; returns logits and a cache with room for ``max_length`` slots.
@@ -166,10 +176,15 @@ class WingsModel(nnx.Module):
         if learners is None:  # plain Qwen2 layers
             return self.llm.run_layers(x, attn, cache)
         flags = jnp.asarray(self.layer_flags)
+        layers = self.llm.layers
+        if isinstance(layers, nnx.List):  # separate layers (inference): each projects, stacked for the loop
+            projected = jax.tree.map(lambda *a: jnp.stack(a), *(l.side.project_features(learners) for l in layers))
+        else:
+            projected = layers.side.project_features(learners)
         return self.llm.run_layers(
             x, attn, cache, lambda layer, h, attn, index, view, projected: layer(h, attn, view, learners, projected,
                                                                                   flags[index]),
-            per_layer=self.llm.layers.side.project_features(learners))
+            per_layer=projected)
 
     def _images(self, batch: Batch) -> tuple[jax.Array, jax.Array] | None:
         """Projected features (B, I, T, H) and validity (B, I), valid images first; None without images."""
