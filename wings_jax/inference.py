@@ -33,6 +33,7 @@ from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, I
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.model.cache import DecodeCache
 from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.sharding import batch_sharding
@@ -120,12 +121,18 @@ def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
 
 
+def joined(first: Prompt, then: Prompt) -> Prompt:
+    """``first`` followed by ``then``: its tokens at the next positions, its images after ``first``'s."""
+    tokens = np.concatenate([first.tokens, then.tokens]).astype(np.int32)
+    return Prompt(tokens, np.arange(len(tokens), dtype=np.int32), np.concatenate([first.text_mask, then.text_mask]),
+                  np.concatenate([first.images, then.images]), np.concatenate([first.image_mask, then.image_mask]))
+
+
 def with_continuation(prompt: Prompt, ids: np.ndarray) -> Prompt:
     """``prompt`` followed by the text tokens ``ids`` (an answer to score)."""
-    n = len(prompt.tokens) + len(ids)
-    return prompt._replace(tokens=np.concatenate([prompt.tokens, ids]).astype(np.int32),
-                           positions=np.arange(n, dtype=np.int32),
-                           text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)]))
+    ids = np.asarray(ids, np.int32)
+    return joined(prompt, Prompt(ids, np.arange(len(ids), dtype=np.int32), np.ones(len(ids), bool),
+                                 prompt.images[:0], prompt.image_mask[:0]))
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -366,13 +373,10 @@ class Engine:
         """
         if not prompts:
             raise GenerationError("no prompts to generate from")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = np.asarray([len(p.tokens) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
-        check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens",
-                     "shorten the prompt or ask for fewer new tokens", GenerationError)
+        self._check_room(int(lengths.max()), max_new_tokens)
         if recompute is None:
             recompute = self.must_recompute
         elif not recompute and self.must_recompute:
@@ -381,22 +385,39 @@ class Engine:
             prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed), stop_ids)
         return _collect(steps, len(prompts), set(stop_ids), on_token)
 
+    def _check_room(self, length: int, max_new_tokens: int) -> None:
+        """Refuses a request whose prompt of ``length`` tokens leaves no room for ``max_new_tokens``."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_length(self.cfg, length + max_new_tokens, "the prompt plus max_new_tokens",
+                     "shorten the prompt or ask for fewer new tokens", GenerationError)
+
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
+        max_length = bucket_length(int(lengths.max())) + max_new_tokens
+        tokens, carry = self._prefilled(prompts, lengths, max_length, key, settings)
+        return self._decode(tokens, carry, max_new_tokens, settings, key, stop_ids)
+
+    def _prefilled(self, prompts, lengths, max_length, key, settings) -> tuple[jax.Array, "_Carry"]:
+        """The first sampled tokens (B,) of the prompts and the carry of a cache of ``max_length`` slots."""
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
-        max_length = batch["tokens"].shape[1] + max_new_tokens
         tokens, cache = self._steps.prefill(self.state, *self._place((batch, lengths)), key, settings,
                                             max_length=max_length)
+        return tokens, _Carry(cache, jnp.asarray(lengths))
+
+    def _decode(self, tokens, carry: "_Carry", max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
+        """The sampled tokens of each step after the first (``tokens``), in blocks of cached steps; ``carry``
+        follows the last dispatched block."""
         stops = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
         # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
-        positions, step, done = jnp.asarray(lengths), jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
+        step, done = jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
         pending, remaining = (tokens[None], 1), max_new_tokens - 1
         while remaining > 0:
             # One block in flight: block k is dispatched before the host reads block k - 1's tokens, so the
             # device never idles while the caller looks at them. The step count is data: no recompilation.
             num_steps = min(self.steps_per_dispatch, remaining)
-            out, count, tokens, cache, positions, step, done = self._steps.extend_block(
-                self.state, cache, tokens, positions, step, done, key, settings, stops, np.int32(num_steps),
-                block=self.steps_per_dispatch)
+            out, count, tokens, carry.cache, carry.positions, step, done = self._steps.extend_block(
+                self.state, carry.cache, tokens, carry.positions, step, done, key, settings, stops,
+                np.int32(num_steps), block=self.steps_per_dispatch)
             remaining -= num_steps
             yield from _block_rows(*pending)
             pending = (out, count)
@@ -414,6 +435,14 @@ class Engine:
             yield tokens
             append_tokens(batch, lengths, tokens)
             lengths += 1
+
+
+@dataclasses.dataclass
+class _Carry:
+    """A decode cache between dispatches: every slot before ``positions`` (B,) holds a fed token."""
+
+    cache: DecodeCache
+    positions: jax.Array
 
 
 def _block_rows(out: jax.Array, count: jax.Array) -> Iterator[np.ndarray]:
