@@ -115,10 +115,14 @@ def with_image_placeholders(text: str, num_images: int) -> str:
 def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
                 images: Sequence[ImageSource] = (), *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Prompt:
     """A generation prompt for a model of config ``cfg`` (image size and slots from its tower)."""
-    if images and cfg.vision is None:
-        raise GenerationError("this model has no vision tower; it cannot take images")
+    _refuse_images_without_tower(cfg, images)
     return encode_prompt(tokenizer, turns, images, image_size=cfg.image_size,
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
+
+
+def _refuse_images_without_tower(cfg: WingsModelConfig, images: Sequence[ImageSource]) -> None:
+    if images and cfg.vision is None:
+        raise GenerationError("this model has no vision tower; it cannot take images")
 
 
 def joined(first: Prompt, then: Prompt) -> Prompt:

@@ -67,12 +67,16 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
     """
     formatter = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image, system_prompt=system_prompt)
     encoded = formatter.encode(turns, len(images), add_generation_prompt=True)
+    return _prompt(encoded.tokens, encoded.text_mask, images, image_size, image_aspect)
+
+
+def _prompt(tokens: np.ndarray, text_mask: np.ndarray, images: Sequence[ImageSource], image_size: int,
+            image_aspect: str) -> Prompt:
     pixels = [preprocess_image(image, image_size, image_aspect) for image in images]
-    n = len(encoded.tokens)
     return Prompt(
-        tokens=encoded.tokens,
-        positions=np.arange(n, dtype=np.int32),
-        text_mask=encoded.text_mask,
+        tokens=tokens,
+        positions=np.arange(len(tokens), dtype=np.int32),
+        text_mask=text_mask,
         images=np.stack(pixels) if pixels else no_images(image_size, np.float32),
         image_mask=np.ones(len(pixels), bool),
     )
