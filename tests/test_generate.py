@@ -301,12 +301,13 @@ def hf_checkpoint(tmp_path_factory):
     return hf_model, tokenizer, ckpt
 
 
-def save_vision_checkpoint(directory, seed=0):
+def save_vision_checkpoint(directory, seed=0, stage="finetune", kv_heads=TINY_LLM.num_kv_heads, causal_images=False):
     """A tiny Wings model with a vision tower and active learners, saved with the local tokenizer."""
     tokenizer_dir = os.path.join(directory, "tokenizer")
     build_local_qwen_tokenizer(tokenizer_dir, TOKENIZER_VOCAB)
-    cfg = WingsModelConfig(llm=dataclasses.replace(TINY_LLM, vocab_size=TOKENIZER_VOCAB), vision=TINY_VISION,
-                           wings=WingsConfig(stage="finetune", lora_rank=8, router_max_len=256))
+    cfg = WingsModelConfig(llm=dataclasses.replace(TINY_LLM, vocab_size=TOKENIZER_VOCAB, num_kv_heads=kv_heads),
+                           vision=TINY_VISION, wings=WingsConfig(stage=stage, lora_rank=8, router_max_len=256,
+                                                                 causal_images=causal_images))
     model = WingsModel(cfg, Runtime(), rngs=nnx.Rngs(seed))
     randomize_learner_b(model, seed)
     ckpt = os.path.join(directory, "ckpt")
@@ -443,3 +444,35 @@ def test_cli_image_prompt_and_interactive_chat(vision_checkpoint, capsys, monkey
     exchange = f"{question}<|im_end|>\n<|im_start|>assistant\n{first['text']}<|im_end|>\n"
     assert exchange + "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n" in text
 
+
+def _chat_both_ways(capsys, monkeypatch, argv, stdin):
+    """The interactive chat's JSON replies and the number of turns it re-read: {keep_cache: (replies, rereads)}."""
+    runs = {}
+    for keep in (True, False):
+        sessions = []
+        monkeypatch.setattr("wings_jax.generate.ChatSession",
+                            lambda engine, keep=keep: sessions.append(ChatSession(engine, keep)) or sessions[-1])
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        rc, out, err = _run(capsys, argv)
+        assert rc == 0, err
+        runs[keep] = [json.loads(line) for line in out.splitlines()], sessions[0].rereads
+    return runs
+
+
+@pytest.mark.parametrize("stage,kv_heads,causal", [("finetune", 2, False), ("pretrain", 4, True)])
+def test_cli_interactive_chat_keeps_its_cache(stage, kv_heads, causal, tmp_path, capsys, monkeypatch):
+    """Three messages (an image at the first, a text-only one, an image again), with the cache kept and with
+    every turn re-read: the same replies; each prompt is the previous one, its reply's ids, then the turn."""
+    ckpt = save_vision_checkpoint(str(tmp_path), seed=1, stage=stage, kv_heads=kv_heads, causal_images=causal)
+    image = str(tmp_path / "picture.png")
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (30, 40, 3), np.uint8)).save(image)
+    stdin = f"/image {image}\nWhat is in the picture?\nWhy?\n/image {image}\nAnd in this one?\n"
+    runs = _chat_both_ways(capsys, monkeypatch, ["--ckpt", ckpt, "--json", "--max-new-tokens", "6", "--ignore-eos"],
+                           stdin)
+    (kept, kept_rereads), (reread, reread_rereads) = runs[True], runs[False]
+    assert kept == reread and len(kept) == 3
+    assert (kept_rereads, reread_rereads) == (2, 3)  # the text-only turn extended the cache
+    for before, after in zip(kept, kept[1:]):
+        n = len(before["prompt_token_ids"]) + len(before["generated_token_ids"])
+        assert after["prompt_token_ids"][:n] == before["prompt_token_ids"] + before["generated_token_ids"]
+    assert kept[2]["prompt_token_ids"].count(IMAGE_TOKEN_ID) == 2 * TOKENS
