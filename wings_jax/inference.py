@@ -447,7 +447,8 @@ class Engine:
 
     def _decode(self, tokens, carry: "_Carry", max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
         """The sampled tokens of each step after the first (``tokens``), in blocks of cached steps; ``carry``
-        follows the last dispatched block."""
+        follows the last dispatched block. A block dispatched once every row has sampled a stop token runs no
+        step, so when the caller stops pulling there, ``carry`` holds every fed token and nothing more."""
         stops = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
         # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
         step, done = jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
