@@ -1,8 +1,15 @@
-"""AttentionInputs: the one description of queries and keys a model call builds (with or without a cache)."""
+"""AttentionInputs: the one description of queries and keys a model call builds (with or without a cache);
+a cache grown and extended gives what one prefill gives."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from wings_jax.model.cache import AttentionInputs, DecodeCache
+from wings_fixtures import TINY_LLM, TINY_VISION, jnp_batch, make_batch, tiny_model
+from wings_jax.model.cache import AttentionInputs, DecodeCache, grown
+
+SIZE, TOKENS = TINY_VISION.image_size, (TINY_VISION.image_size // TINY_VISION.patch_size) ** 2
 
 
 def _cache(positions, segments):
@@ -57,3 +64,33 @@ def test_a_compiled_decode_step_transposes_no_cached_keys():
                                            block=2).compile().as_text()
     moved = re.findall(r"= \w+\[([\d,]*)\]\S* (?:transpose|copy)\(", hlo)
     assert not [shape for shape in moved if shape.split(",").count(str(slots)) and shape.count(",") >= 3]  # (B, heads, S, D)-sized
+
+
+@pytest.mark.parametrize("stage,kv_heads", [("finetune", 2), ("finetune", 4), ("pretrain", 2), ("pretrain", 4)])
+def test_prefill_then_extend_equals_prefill_of_the_whole(stage, kv_heads):
+    """A conversation read in pieces (prefill A with an image, grow the cache, extend B with padding past the
+    end, extend one token C) gives the logits of one prefill of A + B + C: learners, router, GQA and MHA."""
+    model = tiny_model(stage, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads), seed=3)
+    items = [1, 2, 3, 4, "img", *range(5, 20)]
+    n = len(items) - 1 + TOKENS
+    a, b = 12, n - 1  # A: 12 tokens, the image's among them; B: up to the last token; C: the last token
+    whole = make_batch([items], TOKENS, SIZE, n, max_images=1)
+    full, _ = model.prefill(jnp_batch(whole), max_length=n)
+    first = {**whole, "segment_ids": np.where(np.arange(n) < a, whole["segment_ids"], 0)}
+    _, cache = model.prefill(jnp_batch(first), max_length=16)
+    cache = grown(cache, 40)
+    assert cache.layers["k"].shape[-2] == cache.positions.shape[1] == 40
+    assert cache.layers["image_k"].shape[-2] == TOKENS
+    padding = 3  # past the cache's end: their writes are dropped
+    tokens = np.concatenate([whole["tokens"][:, a:b], np.zeros((1, padding), np.int32)], axis=1)
+    positions = np.concatenate([np.arange(a, b), np.full(padding, 40)])[None].astype(np.int32)
+    middle, cache = model.extend(jnp.asarray(tokens), jnp.asarray(positions), cache)
+    last, _ = model.extend(jnp.asarray(whole["tokens"][:, b:]), jnp.asarray([[b]], jnp.int32), cache)
+    pieces = np.concatenate([middle[0, :b - a], last[0]])
+    np.testing.assert_allclose(pieces, np.asarray(full[0, a:]), rtol=0, atol=1e-6)
+
+
+def test_a_cache_does_not_shrink():
+    cache = _cache(np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="shrink"):
+        grown(cache, 3)

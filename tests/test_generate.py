@@ -1,5 +1,6 @@
-"""Generation: cached decoding equals recomputation, batching, sampling, the router limit, and the CLI
-(parity with transformers' greedy generate and logits, images, interactive chat, errors)."""
+"""Generation: cached decoding equals recomputation, batching, sampling, the router limit, chats that keep
+their cache, and the CLI (parity with transformers' greedy generate and logits, images, interactive chat,
+errors)."""
 import dataclasses
 import io
 import json
@@ -21,7 +22,9 @@ from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
 from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
-from wings_jax.inference import Engine, GenerationError, Sampling, load_for_inference, sample_tokens
+from wings_jax.data.conversation import Turn
+from wings_jax.inference import (ChatSession, Engine, GenerationError, Sampling, encode_chat, encode_chat_turn,
+                                 joined, load_for_inference, sample_tokens, with_continuation)
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
 from wings_jax.model.runtime import Runtime
@@ -62,9 +65,9 @@ def teacher_forced_argmax(engine, prompts, generations):
             for p, logits in zip(prompts, engine.logits(full))]
 
 
-def strong_model(stage="finetune", **wings):
+def strong_model(stage="finetune", kv_heads=TINY_LLM.num_kv_heads, **wings):
     """A tiny model whose learners move the logits enough to change greedy choices (A as large as B)."""
-    model = tiny_model(stage=stage, seed=3, **wings)
+    model = tiny_model(stage=stage, seed=3, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads), **wings)
     for learner in (model.llm.layers.side.visual, model.llm.layers.side.textual):
         for name in "qkvo":
             param = getattr(learner, f"{name}_a")
@@ -204,6 +207,85 @@ def test_reference_mixing_decodes_by_recomputation():
 
 
 # ---------------------------------------------------------------------------------------------
+# chats
+
+
+def make_turn(length, num_images=0, seed=0):
+    """A random later turn: every token after the system turn, each image's slots after 5 tokens."""
+    prompt = make_prompt(length, num_images, seed)
+    return prompt._replace(text_mask=prompt.tokens != IMAGE_TOKEN_ID)
+
+
+def chat(engine, turns, keep_cache, new=NEW, stop_ids=()):
+    session = ChatSession(engine, keep_cache)
+    return session, [session.reply(turn, new, stop_ids=stop_ids) for turn in turns]
+
+
+# stage, kv heads (4: MHA), causal_images, the turn that adds an image (the first turn always has one)
+CHATS = [("finetune", 2, False, None), ("pretrain", 4, False, None), ("finetune", 4, True, 1),
+         ("pretrain", 2, False, 1), ("finetune", 2, True, 2)]
+
+
+@pytest.mark.parametrize("stage,kv_heads,causal,image_turn", CHATS)
+def test_chat_keeps_its_cache_and_replies_as_a_reread(stage, kv_heads, causal, image_turn):
+    """Three turns: the session that keeps its cache (re-reading only at turns that add an image) replies
+    token for token as one that re-reads the conversation's tokens every turn, whether a reply ends by length
+    (its last token not yet in the cache) or at a stop token."""
+    engine = Engine(strong_model(stage, kv_heads, causal_images=causal))
+    turns = [make_prompt(13, 1, seed=11)] + [make_turn(9, int(k == image_turn), seed=11 + k) for k in (1, 2)]
+    kept, replies = chat(engine, turns, keep_cache=True)
+    reread, expected = chat(engine, turns, keep_cache=False)
+    assert replies == expected and all(r.finish_reason == "length" for r in replies)
+    assert kept.rereads == (1 if image_turn is None else 2) and reread.rereads == 3
+    conversation = [turns[0].tokens, replies[0].token_ids, turns[1].tokens, replies[1].token_ids, turns[2].tokens]
+    np.testing.assert_array_equal(kept.prompt.tokens, np.concatenate(conversation))
+    stop = replies[0].token_ids[NEW // 2]
+    kept, replies = chat(engine, turns, keep_cache=True, stop_ids=[stop])
+    assert replies == chat(engine, turns, keep_cache=False, stop_ids=[stop])[1]
+    assert replies[0].finish_reason == "stop" and kept.rereads == (1 if image_turn is None else 2)
+
+
+def test_chat_grows_its_cache_and_refuses_what_does_not_fit():
+    """Long turns outgrow the cache (grown, not re-read); a turn past the router's positions is refused with
+    the conversation unchanged, and the chat goes on from its cache."""
+    engine = Engine(strong_model())  # router_max_len 128
+    turns = [make_prompt(13, 1, seed=21), make_turn(30, seed=22), make_turn(40, seed=23)]
+    kept, replies = chat(engine, turns, keep_cache=True)
+    assert replies == chat(engine, turns, keep_cache=False)[1]
+    assert kept.rereads == 1 and kept._carry.cache.max_length == 128  # 32 slots at turn 0, 96 at turn 1
+    prompt = kept.prompt
+    with pytest.raises(GenerationError, match="router_max_len"):
+        kept.reply(make_turn(9, seed=24), 40)
+    assert kept.prompt is prompt and kept._carry is not None
+    kept.reply(make_turn(5, seed=25), 4)
+    assert kept.rereads == 1
+
+
+def test_chat_with_a_reference_model_rereads_every_turn():
+    engine = Engine(strong_model(mixing="reference"))
+    session, replies = chat(engine, [make_prompt(13, 1, seed=5), make_turn(4, seed=6)], keep_cache=True, new=4)
+    assert session.rereads == 2
+    assert engine.generate([session.prompt], 4) == [replies[-1]]
+
+
+def test_next_turn_tokens_are_those_of_a_fresh_encoding(vision_checkpoint):
+    """A reply's ids, then the next turn's tokens, are the whole conversation's encoding when the reply's text
+    round-trips (closing, user turn with an image, assistant header)."""
+    ckpt, image = vision_checkpoint
+    tokenizer = load_tokenizer(ckpt)
+    cfg = WingsModelConfig(llm=TINY_LLM, vision=TINY_VISION)
+    first = encode_chat(cfg, tokenizer, [Turn("user", "<image>\nWhat is it?")], [image])
+    for reply in ("A cat.", "Two lines,\n\nthen  spaces ", " leading space\n"):
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        assert tokenizer.decode(ids) == reply
+        ours = joined(with_continuation(first, ids), encode_chat_turn(cfg, tokenizer, "<image>\nAnd this?", [image]))
+        fresh = encode_chat(cfg, tokenizer, [Turn("user", "<image>\nWhat is it?"), Turn("assistant", reply),
+                                             Turn("user", "<image>\nAnd this?")], [image, image])
+        for ours_field, fresh_field in zip(ours, fresh):
+            np.testing.assert_array_equal(ours_field, fresh_field)
+
+
+# ---------------------------------------------------------------------------------------------
 # the command line
 
 
@@ -219,12 +301,13 @@ def hf_checkpoint(tmp_path_factory):
     return hf_model, tokenizer, ckpt
 
 
-def save_vision_checkpoint(directory, seed=0):
+def save_vision_checkpoint(directory, seed=0, stage="finetune", kv_heads=TINY_LLM.num_kv_heads, causal_images=False):
     """A tiny Wings model with a vision tower and active learners, saved with the local tokenizer."""
     tokenizer_dir = os.path.join(directory, "tokenizer")
     build_local_qwen_tokenizer(tokenizer_dir, TOKENIZER_VOCAB)
-    cfg = WingsModelConfig(llm=dataclasses.replace(TINY_LLM, vocab_size=TOKENIZER_VOCAB), vision=TINY_VISION,
-                           wings=WingsConfig(stage="finetune", lora_rank=8, router_max_len=256))
+    cfg = WingsModelConfig(llm=dataclasses.replace(TINY_LLM, vocab_size=TOKENIZER_VOCAB, num_kv_heads=kv_heads),
+                           vision=TINY_VISION, wings=WingsConfig(stage=stage, lora_rank=8, router_max_len=256,
+                                                                 causal_images=causal_images))
     model = WingsModel(cfg, Runtime(), rngs=nnx.Rngs(seed))
     randomize_learner_b(model, seed)
     ckpt = os.path.join(directory, "ckpt")
@@ -360,3 +443,36 @@ def test_cli_image_prompt_and_interactive_chat(vision_checkpoint, capsys, monkey
     text = load_tokenizer(ckpt).decode([t for t in second["prompt_token_ids"] if t >= 0])
     exchange = f"{question}<|im_end|>\n<|im_start|>assistant\n{first['text']}<|im_end|>\n"
     assert exchange + "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n" in text
+
+
+def _chat_both_ways(capsys, monkeypatch, argv, stdin):
+    """The interactive chat's JSON replies and the number of turns it re-read: {keep_cache: (replies, rereads)}."""
+    runs = {}
+    for keep in (True, False):
+        sessions = []
+        monkeypatch.setattr("wings_jax.generate.ChatSession",
+                            lambda engine, keep=keep: sessions.append(ChatSession(engine, keep)) or sessions[-1])
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        rc, out, err = _run(capsys, argv)
+        assert rc == 0, err
+        runs[keep] = [json.loads(line) for line in out.splitlines()], sessions[0].rereads
+    return runs
+
+
+@pytest.mark.parametrize("stage,kv_heads,causal", [("finetune", 2, False), ("pretrain", 4, True)])
+def test_cli_interactive_chat_keeps_its_cache(stage, kv_heads, causal, tmp_path, capsys, monkeypatch):
+    """Three messages (an image at the first, a text-only one, an image again), with the cache kept and with
+    every turn re-read: the same replies; each prompt is the previous one, its reply's ids, then the turn."""
+    ckpt = save_vision_checkpoint(str(tmp_path), seed=1, stage=stage, kv_heads=kv_heads, causal_images=causal)
+    image = str(tmp_path / "picture.png")
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (30, 40, 3), np.uint8)).save(image)
+    stdin = f"/image {image}\nWhat is in the picture?\nWhy?\n/image {image}\nAnd in this one?\n"
+    runs = _chat_both_ways(capsys, monkeypatch, ["--ckpt", ckpt, "--json", "--max-new-tokens", "6", "--ignore-eos"],
+                           stdin)
+    (kept, kept_rereads), (reread, reread_rereads) = runs[True], runs[False]
+    assert kept == reread and len(kept) == 3
+    assert (kept_rereads, reread_rereads) == (2, 3)  # the text-only turn extended the cache
+    for before, after in zip(kept, kept[1:]):
+        n = len(before["prompt_token_ids"]) + len(before["generated_token_ids"])
+        assert after["prompt_token_ids"][:n] == before["prompt_token_ids"] + before["generated_token_ids"]
+    assert kept[2]["prompt_token_ids"].count(IMAGE_TOKEN_ID) == 2 * TOKENS

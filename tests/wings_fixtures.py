@@ -27,9 +27,9 @@ TINY_VISION = SiglipConfig(image_size=28, patch_size=14, hidden_size=24, interme
                            num_heads=2)  # 4 tokens per image
 
 
-def tiny_model(stage="finetune", runtime=Runtime(), seed=0, randomize_b=True, **wings) -> WingsModel:
+def tiny_model(stage="finetune", runtime=Runtime(), seed=0, randomize_b=True, llm=TINY_LLM, **wings) -> WingsModel:
     """A fresh tiny Wings model; ``randomize_b`` makes every learner output non-zero."""
-    cfg = WingsModelConfig(llm=TINY_LLM, vision=TINY_VISION,
+    cfg = WingsModelConfig(llm=llm, vision=TINY_VISION,
                            wings=WingsConfig(stage=stage, lora_rank=8, router_max_len=128, **wings))
     model = WingsModel(cfg, runtime, rngs=nnx.Rngs(seed))
     if randomize_b:

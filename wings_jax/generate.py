@@ -11,8 +11,13 @@ prompt leaves less room before the model's length limit; a value given explicitl
 refused).
 
 Without --json the reply is written to stdout as it is produced (each piece as soon as its tokens
-reach the host and decode to whole characters), then a newline. Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the
-next message; the whole conversation is kept and re-read at every turn.
+reach the host and decode to whole characters), then a newline.
+
+Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the next
+message. The conversation is kept as the tokens read and generated (a reply is never re-tokenized from its
+text), and so is the model's decode cache: a message without an image reads only its own tokens. A message
+with an image re-reads the whole conversation, as does every message to a ``mixing='reference'`` model (see
+``inference.ChatSession``); either way the reply is the one a re-read of the conversation's tokens gives.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT
 from wings_jax.data.conversation import Turn
 from wings_jax.data.checks import position_limit
 from wings_jax.data.errors import DataError
-from wings_jax.inference import (Engine, GenerationError, Sampling, detokenize, encode_chat, load_for_inference,
-                                 stop_token_ids, with_image_placeholders)
+from wings_jax.inference import (ChatSession, Engine, GenerationError, Sampling, detokenize, encode_chat,
+                                 encode_chat_turn, load_for_inference, stop_token_ids, with_image_placeholders)
 
 EXIT_COMMAND, IMAGE_COMMAND = "/exit", "/image "
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -83,16 +88,14 @@ class TextStream:
 
 
 class Chat:
-    """One conversation with a loaded model: turns and images so far, and how to answer the next message."""
+    """One conversation with a loaded model (a :class:`ChatSession`) and how to answer the next message."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.sampling = Sampling(args.temperature, args.top_k, args.top_p)  # refuse bad settings before loading
         self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
-        self.engine = Engine(self.model)
+        self.session = ChatSession(Engine(self.model))
         self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
-        self.turns: list[Turn] = []
-        self.images: list[str] = []
 
     def check_images(self, paths: Sequence[str]) -> None:
         if paths and self.model.cfg.vision is None:
@@ -119,16 +122,18 @@ class Chat:
         """Generates the reply to ``message`` (its tokens go to ``on_token`` as they come); the conversation
         only grows when that succeeds."""
         self.check_images(images)
-        user = Turn("user", with_image_placeholders(message, len(images)))
-        prompt = encode_chat(self.model.cfg, self.tokenizer, [*self.turns, user], [*self.images, *images],
-                             system_prompt=self.args.system)
-        [result] = self.engine.generate([prompt], self.max_new_tokens(len(prompt.tokens)), self.sampling,
-                                         self.stop_ids, seed=self.args.seed, on_token=on_token)
+        text = with_image_placeholders(message, len(images))
+        if self.session.prompt is None:
+            turn = encode_chat(self.model.cfg, self.tokenizer, [Turn("user", text)], images,
+                               system_prompt=self.args.system)
+        else:
+            turn = encode_chat_turn(self.model.cfg, self.tokenizer, text, images)
+        prompt = self.session.prompt_for(turn)
+        result = self.session.reply(turn, self.max_new_tokens(len(prompt.tokens)), self.sampling, self.stop_ids,
+                                    seed=self.args.seed, on_token=on_token)
         text = detokenize(self.tokenizer, result.token_ids)
-        self.turns += [user, Turn("assistant", text)]
-        self.images += images
         if self.args.save_logits:
-            np.save(self.args.save_logits, self.engine.logits([prompt])[0])
+            np.save(self.args.save_logits, self.session.engine.logits([prompt])[0])
         return {"prompt_token_ids": prompt.tokens.tolist(), "generated_token_ids": result.token_ids, "text": text,
                 "finish_reason": result.finish_reason}
 

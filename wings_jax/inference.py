@@ -12,6 +12,9 @@ compiles once per bucket and the block of decode steps once per cache size.
 ``recompute=True`` instead runs the full teacher-forced forward on the growing sequence at every step
 (also at fixed shapes). It is how ``mixing='reference'`` models decode (their forward is only defined
 teacher-forced) and an independent oracle for the cached path.
+
+A :class:`ChatSession` keeps one conversation's cache from one reply to the next, extending it by each new
+turn's tokens where that is exact.
 """
 from __future__ import annotations
 
@@ -26,13 +29,14 @@ from etils import epath
 from flax import nnx
 
 from wings_jax.checkpoint import CheckpointError, load_model
-from wings_jax.data.assemble import Prompt, encode_prompt
+from wings_jax.data.assemble import Prompt, encode_next_turn, encode_prompt
 from wings_jax.data.batch import append_tokens, pad_rows
 from wings_jax.data.checks import check_length
 from wings_jax.data.constants import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IMAGE_PLACEHOLDER
 from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
+from wings_jax.model.cache import DecodeCache, grown
 from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.sharding import batch_sharding
@@ -114,18 +118,37 @@ def with_image_placeholders(text: str, num_images: int) -> str:
 def encode_chat(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
                 images: Sequence[ImageSource] = (), *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Prompt:
     """A generation prompt for a model of config ``cfg`` (image size and slots from its tower)."""
-    if images and cfg.vision is None:
-        raise GenerationError("this model has no vision tower; it cannot take images")
+    _refuse_images_without_tower(cfg, images)
     return encode_prompt(tokenizer, turns, images, image_size=cfg.image_size,
                          tokens_per_image=cfg.tokens_per_image, system_prompt=system_prompt)
 
 
+def encode_chat_turn(cfg: WingsModelConfig, tokenizer: PreTrainedTokenizerBase, message: str,
+                     images: Sequence[ImageSource] = ()) -> Prompt:
+    """What follows a reply in a :class:`ChatSession` when the user sends ``message`` (the reply's closing, the
+    user turn, the assistant header: ``data.assemble.encode_next_turn``) for a model of config ``cfg``."""
+    _refuse_images_without_tower(cfg, images)
+    return encode_next_turn(tokenizer, message, images, image_size=cfg.image_size,
+                            tokens_per_image=cfg.tokens_per_image)
+
+
+def _refuse_images_without_tower(cfg: WingsModelConfig, images: Sequence[ImageSource]) -> None:
+    if images and cfg.vision is None:
+        raise GenerationError("this model has no vision tower; it cannot take images")
+
+
+def joined(first: Prompt, then: Prompt) -> Prompt:
+    """``first`` followed by ``then``: its tokens at the next positions, its images after ``first``'s."""
+    tokens = np.concatenate([first.tokens, then.tokens]).astype(np.int32)
+    return Prompt(tokens, np.arange(len(tokens), dtype=np.int32), np.concatenate([first.text_mask, then.text_mask]),
+                  np.concatenate([first.images, then.images]), np.concatenate([first.image_mask, then.image_mask]))
+
+
 def with_continuation(prompt: Prompt, ids: np.ndarray) -> Prompt:
     """``prompt`` followed by the text tokens ``ids`` (an answer to score)."""
-    n = len(prompt.tokens) + len(ids)
-    return prompt._replace(tokens=np.concatenate([prompt.tokens, ids]).astype(np.int32),
-                           positions=np.arange(n, dtype=np.int32),
-                           text_mask=np.concatenate([prompt.text_mask, np.ones(len(ids), bool)]))
+    ids = np.asarray(ids, np.int32)
+    return joined(prompt, Prompt(ids, np.arange(len(ids), dtype=np.int32), np.ones(len(ids), bool),
+                                 prompt.images[:0], prompt.image_mask[:0]))
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -207,6 +230,7 @@ def _last(logits: jax.Array, lengths: jax.Array) -> jax.Array:
 class _Steps(NamedTuple):
     prefill: Callable
     extend_block: Callable
+    extend_turn: Callable
     recompute: Callable
     forward: Callable
     option_scores: Callable
@@ -245,6 +269,11 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
             more, body, (jnp.int32(0), out, tokens, cache, positions, step, done))
         return out, count, tokens, cache, positions, step, done
 
+    def extend_turn(state, cache, tokens, positions, last, key, settings):
+        """Feeds a turn's tokens (B, T) at ``positions``; samples the first reply token from the ``last``-th."""
+        logits, cache = nnx.merge(graphdef, state).extend(tokens, positions, cache)
+        return sample_tokens(logits[:, last], jax.random.fold_in(key, 0), settings), cache
+
     def recompute(state, batch, lengths, key, step, settings):
         return sample_tokens(_last(nnx.merge(graphdef, state)(batch), lengths), jax.random.fold_in(key, step),
                              settings)
@@ -269,6 +298,7 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
     return _Steps(prefill=jax.jit(prefill, static_argnames=("max_length",)),
                   # the old cache is dead after a step: donating it lets XLA update it in place
                   extend_block=jax.jit(extend_block, static_argnames=("block",), donate_argnames=("cache",)),
+                  extend_turn=jax.jit(extend_turn, donate_argnames=("cache",)),
                   recompute=jax.jit(recompute), forward=jax.jit(forward), option_scores=jax.jit(option_scores),
                   vision=jax.jit(vision))
 
@@ -366,13 +396,10 @@ class Engine:
         """
         if not prompts:
             raise GenerationError("no prompts to generate from")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = np.asarray([len(p.tokens) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise GenerationError(f"prompt {int(lengths.argmin())} is empty")
-        check_length(self.cfg, int(lengths.max()) + max_new_tokens, "the prompt plus max_new_tokens",
-                     "shorten the prompt or ask for fewer new tokens", GenerationError)
+        self._check_room(int(lengths.max()), max_new_tokens)
         if recompute is None:
             recompute = self.must_recompute
         elif not recompute and self.must_recompute:
@@ -381,22 +408,58 @@ class Engine:
             prompts, lengths, max_new_tokens, sampling.values(), jax.random.key(seed), stop_ids)
         return _collect(steps, len(prompts), set(stop_ids), on_token)
 
+    def _check_room(self, length: int, max_new_tokens: int) -> None:
+        """Refuses a request whose prompt of ``length`` tokens leaves no room for ``max_new_tokens``."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_length(self.cfg, length + max_new_tokens, "the prompt plus max_new_tokens",
+                     "shorten the prompt or ask for fewer new tokens", GenerationError)
+
     def _cached_steps(self, prompts, lengths, max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
+        max_length = bucket_length(int(lengths.max())) + max_new_tokens
+        tokens, carry = self._prefilled(prompts, lengths, max_length, key, settings)
+        return self._decode(tokens, carry, max_new_tokens, settings, key, stop_ids)
+
+    def _prefilled(self, prompts, lengths, max_length, key, settings) -> tuple[jax.Array, "_Carry"]:
+        """The first sampled tokens (B,) of the prompts and the carry of a cache of ``max_length`` slots."""
         batch = pad_prompts(prompts, bucket_length(int(lengths.max())))
-        max_length = batch["tokens"].shape[1] + max_new_tokens
         tokens, cache = self._steps.prefill(self.state, *self._place((batch, lengths)), key, settings,
                                             max_length=max_length)
+        return tokens, _Carry(cache, jnp.asarray(lengths))
+
+    def _extended(self, carry: "_Carry", tokens: np.ndarray, max_length: int, key, settings) -> jax.Array:
+        """Feeds the tokens of one conversation ``tokens`` that the cache lacks (from ``carry.positions`` on) and
+        returns the first sampled token (1,); the carry's cache first grows to ``max_length`` slots if smaller."""
+        start = int(carry.positions[0])
+        new = tokens[start:]
+        if carry.cache.max_length < max_length:
+            carry.cache = grown(carry.cache, max_length)
+        # Bucketed widths bound the compilations; the padding sits past the cache's end, where writes are
+        # dropped, so it changes nothing (``extend`` marks every token as real).
+        width = bucket_length(len(new))
+        ids = np.zeros((1, width), np.int32)
+        positions = np.full((1, width), carry.cache.max_length, np.int32)
+        ids[0, :len(new)], positions[0, :len(new)] = new, np.arange(start, len(tokens))
+        first, carry.cache = self._steps.extend_turn(self.state, carry.cache, ids, positions, np.int32(len(new) - 1),
+                                                     key, settings)
+        carry.positions = jnp.asarray([len(tokens)], jnp.int32)
+        return first
+
+    def _decode(self, tokens, carry: "_Carry", max_new_tokens, settings, key, stop_ids) -> Iterator[np.ndarray]:
+        """The sampled tokens of each step after the first (``tokens``), in blocks of cached steps; ``carry``
+        follows the last dispatched block. A block dispatched once every row has sampled a stop token runs no
+        step, so when the caller stops pulling there, ``carry`` holds every fed token and nothing more."""
         stops = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
         # The token sampled at step s - 1 sits at position length + s - 1: feed it, sample step s.
-        positions, step, done = jnp.asarray(lengths), jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
+        step, done = jnp.asarray(1, jnp.int32), jnp.isin(tokens, stops)
         pending, remaining = (tokens[None], 1), max_new_tokens - 1
         while remaining > 0:
             # One block in flight: block k is dispatched before the host reads block k - 1's tokens, so the
             # device never idles while the caller looks at them. The step count is data: no recompilation.
             num_steps = min(self.steps_per_dispatch, remaining)
-            out, count, tokens, cache, positions, step, done = self._steps.extend_block(
-                self.state, cache, tokens, positions, step, done, key, settings, stops, np.int32(num_steps),
-                block=self.steps_per_dispatch)
+            out, count, tokens, carry.cache, carry.positions, step, done = self._steps.extend_block(
+                self.state, carry.cache, tokens, carry.positions, step, done, key, settings, stops,
+                np.int32(num_steps), block=self.steps_per_dispatch)
             remaining -= num_steps
             yield from _block_rows(*pending)
             pending = (out, count)
@@ -414,6 +477,80 @@ class Engine:
             yield tokens
             append_tokens(batch, lengths, tokens)
             lengths += 1
+
+
+class ChatSession:
+    """One conversation with an engine's model that keeps its decode cache from one reply to the next.
+
+        session = ChatSession(engine)
+        prompt = encode_chat(model.cfg, tokenizer, [Turn("user", "<image>\\nWhat is it?")], ["cat.jpg"])
+        first = session.reply(prompt, 64, stop_ids=stop_token_ids(tokenizer))
+        second = session.reply(encode_chat_turn(model.cfg, tokenizer, "Why?"), 64, stop_ids=...)
+
+    The conversation is the tokens actually read and generated: each reply's ids, never a re-tokenization of
+    its text, then the next turn's. A reply continues from the kept cache where that is exact:
+
+    - a turn that adds no image extends the cache by the tokens it lacks (the previous reply's last token when
+      that reply ran out of tokens: a sampled token is fed at the next step; then the turn's tokens) and
+      decodes the reply as ``Engine.generate`` does;
+    - a turn that adds an image re-reads the whole conversation (one prefill of every token and image). Without
+      ``causal_images`` the earlier tokens' visual learner sees the new image, so their cached keys and values
+      change. With it they would not, but the cache holds the learner's image keys only for the images of its
+      prefill (``image_k``/``image_v``; ``WingsModel.extend`` takes no images), so that case re-reads too;
+    - ``mixing='reference'`` models decode by recomputation (``Engine.must_recompute``): every turn re-reads.
+
+    The cache grows to bucketed sizes when the conversation outgrows it. ``keep_cache=False`` re-reads every turn:
+    what the kept cache must equal token for token. ``rereads`` counts the turns that re-read.
+    """
+
+    def __init__(self, engine: Engine, keep_cache: bool = True):
+        self.engine, self.keep_cache = engine, keep_cache
+        self.prompt: Prompt | None = None  # the conversation up to the latest assistant header
+        self.reply_ids: list[int] = []  # the latest reply (without its stop token)
+        self.rereads = 0
+        self._carry: _Carry | None = None
+
+    def prompt_for(self, turn: Prompt) -> Prompt:
+        """The conversation so far followed by ``turn``: what the reply to ``turn`` is generated from."""
+        if self.prompt is None:
+            return turn
+        return joined(with_continuation(self.prompt, np.asarray(self.reply_ids, np.int32)), turn)
+
+    def reply(self, turn: Prompt, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: Sequence[int] = (),
+              seed: int = 0, on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """Generates the reply to ``turn``: the whole first prompt (:func:`encode_chat`), then what follows the
+        previous reply (:func:`encode_chat_turn`); arguments as in ``Engine.generate`` (row 0). The conversation
+        only grows when that succeeds."""
+        if not len(turn.tokens):
+            raise GenerationError("the turn is empty: there is nothing to reply to")
+        prompt, engine = self.prompt_for(turn), self.engine
+        if engine.must_recompute:
+            [generation] = engine.generate([prompt], max_new_tokens, sampling, stop_ids, seed, on_token=on_token)
+            self.rereads += 1
+        else:
+            engine._check_room(len(prompt.tokens), max_new_tokens)
+            carry, self._carry = self._carry, None  # steps donate the cache: a failed reply leaves none to trust
+            key, settings = jax.random.key(seed), sampling.values()
+            size = bucket_length(len(prompt.tokens) + max_new_tokens)  # bucketed: few cache shapes to compile
+            if carry is None or not self.keep_cache or len(turn.images):
+                first, carry = engine._prefilled([prompt], np.asarray([len(prompt.tokens)], np.int32), size, key,
+                                                 settings)
+                self.rereads += 1
+            else:
+                first = engine._extended(carry, prompt.tokens, size, key, settings)
+            steps = engine._decode(first, carry, max_new_tokens, settings, key, stop_ids)
+            [generation] = _collect(steps, 1, set(stop_ids), on_token)
+            self._carry = carry
+        self.prompt, self.reply_ids = prompt, generation.token_ids
+        return generation
+
+
+@dataclasses.dataclass
+class _Carry:
+    """A decode cache between dispatches: every slot before ``positions`` (B,) holds a fed token."""
+
+    cache: DecodeCache
+    positions: jax.Array
 
 
 def _block_rows(out: jax.Array, count: jax.Array) -> Iterator[np.ndarray]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
+
 from .batch import no_images
 from .constants import DEFAULT_SYSTEM_PROMPT
 from .conversation import ChatFormatter, EncodedConversation, TurnLike
@@ -67,12 +69,25 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[TurnLike],
     """
     formatter = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image, system_prompt=system_prompt)
     encoded = formatter.encode(turns, len(images), add_generation_prompt=True)
+    return _prompt(encoded.tokens, encoded.text_mask, images, image_size, image_aspect)
+
+
+def encode_next_turn(tokenizer: PreTrainedTokenizerBase, message: str, images: Sequence[ImageSource] = (), *,
+                     image_size: int, tokens_per_image: int, image_aspect: str = "pad") -> Prompt:
+    """What follows an assistant reply's tokens when the user sends ``message`` (its ``<image>`` placeholders
+    bound to ``images``): the reply's closing, the user turn and the assistant header
+    (`ChatFormatter.encode_next_turn`), at positions from 0; every token is after the system turn."""
+    tokens = ChatFormatter(tokenizer, tokens_per_image=tokens_per_image).encode_next_turn(message, len(images))
+    return _prompt(tokens, tokens != IMAGE_TOKEN_ID, images, image_size, image_aspect)
+
+
+def _prompt(tokens: np.ndarray, text_mask: np.ndarray, images: Sequence[ImageSource], image_size: int,
+            image_aspect: str) -> Prompt:
     pixels = [preprocess_image(image, image_size, image_aspect) for image in images]
-    n = len(encoded.tokens)
     return Prompt(
-        tokens=encoded.tokens,
-        positions=np.arange(n, dtype=np.int32),
-        text_mask=encoded.text_mask,
+        tokens=tokens,
+        positions=np.arange(len(tokens), dtype=np.int32),
+        text_mask=text_mask,
         images=np.stack(pixels) if pixels else no_images(image_size, np.float32),
         image_mask=np.ones(len(pixels), bool),
     )

@@ -163,6 +163,15 @@ class ChatFormatter:
             text += f"{IM_START}assistant\n"
         return ChatText(text, tuple(spans), system_end_char)
 
+    def encode_next_turn(self, message: str, num_images: int) -> np.ndarray:
+        """Token ids (placeholders expanded) of what follows an assistant answer when the user sends ``message``
+        (whose placeholders refer to ``num_images`` new images): the answer's closing ``<|im_end|>\\n``, the user
+        turn, the assistant header. The text is :meth:`render`'s; tokenized on its own it gives the ids of a
+        whole conversation's tokenization, because the special tokens at both ends split the text there too."""
+        chat = self.render([Turn("user", ""), Turn("assistant", ""), Turn("user", message)], num_images,
+                           add_generation_prompt=True)
+        return self._tokenize(chat.text[chat.answer_spans[0][0]:])[0]
+
     def tokenize(self, chat: ChatText) -> EncodedConversation:
         """Token ids (placeholders expanded to image slots) and labels of rendered ChatML text."""
         tokens, char_starts, image_starts = self._tokenize(chat.text)

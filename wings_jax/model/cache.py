@@ -23,6 +23,10 @@ class DecodeCache:
     (B, heads, S, head_dim) instead: each layer reads and updates its own buffer in place, never a slice
     copied out of a stacked one.
     ``segments`` is 0 for empty slots. ``learners`` holds per-sequence metadata of the Wings learners.
+
+    Layout convention (what :func:`grown` relies on; every buffer added must follow it): in ``layers`` and
+    ``learners``, a name starting with ``image_`` is per image token, sized at prefill; every other array of
+    ``layers`` has its slot axis at -2, every other array of ``learners`` is (B, S, ...).
     """
 
     layers: dict[str, jax.Array]
@@ -33,6 +37,25 @@ class DecodeCache:
     @property
     def max_length(self) -> int:
         return self.positions.shape[1]
+
+
+def grown(cache: DecodeCache, max_length: int) -> DecodeCache:
+    """A copy of ``cache`` with ``max_length`` slots (at least its own); the new slots are empty (zeros, as in
+    a fresh cache: segment 0). Image-token arrays keep their size."""
+    extra = max_length - cache.max_length
+    if extra < 0:
+        raise ValueError(f"cannot shrink a cache of {cache.max_length} slots to {max_length}")
+
+    def pad(array: jax.Array, axis: int) -> jax.Array:
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(array, widths)
+
+    def per_slot(arrays: dict[str, jax.Array], axis: int) -> dict[str, jax.Array]:
+        return {name: a if name.startswith("image_") else pad(a, axis) for name, a in arrays.items()}
+
+    return cache.replace(layers=per_slot(cache.layers, -2), positions=pad(cache.positions, 1),
+                         segments=pad(cache.segments, 1), learners=per_slot(cache.learners, 1))
 
 
 @struct.dataclass
