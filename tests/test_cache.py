@@ -2,6 +2,7 @@
 a cache grown and extended gives what one prefill gives."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -46,7 +47,6 @@ def test_a_compiled_decode_step_transposes_no_cached_keys():
     (Batch 2: at batch 1 XLA's CPU matrix-vector dot still wants one transposed operand per attention.)"""
     import re
 
-    import jax
 
     from wings_fixtures import tiny_model
     from wings_jax.data.assemble import Prompt
@@ -58,7 +58,7 @@ def test_a_compiled_decode_step_transposes_no_cached_keys():
     lengths, settings, key = np.full(2, length, np.int32), Sampling().values(), jax.random.key(0)
     tokens, cache = engine._steps.prefill(engine.state, pad_prompts([prompt] * 2, length), lengths, key, settings,
                                           max_length=slots)
-    assert cache.layers["k"].shape[-2] == cache.layers["text_k"].shape[-2] == slots
+    assert cache.layers["k"][0].shape[-2] == cache.layers["text_k"][0].shape[-2] == slots  # per-layer arrays
     hlo = engine._steps.extend_block.lower(engine.state, cache, tokens, jnp.asarray(lengths), jnp.int32(1),
                                            jnp.zeros(2, bool), key, settings, jnp.asarray([-1]), np.int32(2),
                                            block=2).compile().as_text()
@@ -67,10 +67,13 @@ def test_a_compiled_decode_step_transposes_no_cached_keys():
 
 
 @pytest.mark.parametrize("stage,kv_heads", [("finetune", 2), ("finetune", 4), ("pretrain", 2), ("pretrain", 4)])
-def test_prefill_then_extend_equals_prefill_of_the_whole(stage, kv_heads):
+@pytest.mark.parametrize("separate", [False, True])  # stacked layers, or per-layer modules and caches (inference)
+def test_prefill_then_extend_equals_prefill_of_the_whole(stage, kv_heads, separate):
     """A conversation read in pieces (prefill A with an image, grow the cache, extend B with padding past the
     end, extend one token C) gives the logits of one prefill of A + B + C: learners, router, GQA and MHA."""
     model = tiny_model(stage, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads), seed=3)
+    if separate:
+        model = model.with_separate_layers()
     items = [1, 2, 3, 4, "img", *range(5, 20)]
     n = len(items) - 1 + TOKENS
     a, b = 12, n - 1  # A: 12 tokens, the image's among them; B: up to the last token; C: the last token
@@ -79,8 +82,9 @@ def test_prefill_then_extend_equals_prefill_of_the_whole(stage, kv_heads):
     first = {**whole, "segment_ids": np.where(np.arange(n) < a, whole["segment_ids"], 0)}
     _, cache = model.prefill(jnp_batch(first), max_length=16)
     cache = grown(cache, 40)
-    assert cache.layers["k"].shape[-2] == cache.positions.shape[1] == 40
-    assert cache.layers["image_k"].shape[-2] == TOKENS
+    first_layer = lambda name: jax.tree.leaves(cache.layers[name])[0]  # noqa: E731
+    assert first_layer("k").shape[-2] == cache.positions.shape[1] == 40
+    assert first_layer("image_k").shape[-2] == TOKENS
     padding = 3  # past the cache's end: their writes are dropped
     tokens = np.concatenate([whole["tokens"][:, a:b], np.zeros((1, padding), np.int32)], axis=1)
     positions = np.concatenate([np.arange(a, b), np.full(padding, 40)])[None].astype(np.int32)

@@ -91,7 +91,8 @@ def inference_dtype(dtype: str | None = None) -> str:
 def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
                        ) -> tuple[WingsModel, Any]:
     """The model (parameters stored and computed in ``dtype``, default :func:`inference_dtype`; with a
-    ``mesh``, replicated on each of its devices) and tokenizer of a checkpoint or workdir."""
+    ``mesh``, replicated on each of its devices; decoder layers as separate modules, as :class:`Engine` runs
+    them) and tokenizer of a checkpoint or workdir."""
     dtype = inference_dtype(dtype)
     if not epath.Path(path).exists():
         raise CheckpointError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
@@ -99,7 +100,8 @@ def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.M
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype), shardings_fn=None if mesh is None else (
         lambda params: jax.tree.map(lambda _: replicated, params.to_pure_dict())))
-    return model, load_tokenizer(path)
+    # as the Engine runs it, so an Engine of this model holds no second copy of the layers
+    return model.with_separate_layers(), load_tokenizer(path)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
@@ -340,7 +342,9 @@ class Engine:
     def __init__(self, model: WingsModel, mesh: jax.sharding.Mesh | None = None):
         self.cfg = model.cfg
         self.steps_per_dispatch = STEPS_PER_DISPATCH
-        graphdef, self.state = nnx.split(model)
+        # decoder layers as separate modules: each decode step reads every layer's weights and cache in place
+        separate = model if isinstance(model.llm.layers, nnx.List) else model.with_separate_layers()
+        graphdef, self.state = nnx.split(separate)
         self._steps = _steps(graphdef)
         self._mesh = mesh
 

@@ -52,7 +52,9 @@ def grown(cache: DecodeCache, max_length: int) -> DecodeCache:
         return jnp.pad(array, widths)
 
     def per_slot(arrays: dict[str, jax.Array], axis: int) -> dict[str, jax.Array]:
-        return {name: a if name.startswith("image_") else pad(a, axis) for name, a in arrays.items()}
+        # jax.tree.map: a stacked array or a tuple of per-layer ones
+        return {name: a if name.startswith("image_") else jax.tree.map(lambda x: pad(x, axis), a)
+                for name, a in arrays.items()}
 
     return cache.replace(layers=per_slot(cache.layers, -2), positions=pad(cache.positions, 1),
                          segments=pad(cache.segments, 1), learners=per_slot(cache.learners, 1))
