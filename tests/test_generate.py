@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from hf_fixtures import make_qwen
-from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_model
+from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, strong_model, tiny_model
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
@@ -60,16 +60,6 @@ def teacher_forced_argmax(engine, prompts, generations):
             for p, g in zip(prompts, generations)]
     return [np.argmax(logits[len(p.tokens) - 1:], axis=-1).tolist()
             for p, logits in zip(prompts, engine.logits(full))]
-
-
-def strong_model(stage="finetune", **wings):
-    """A tiny model whose learners move the logits enough to change greedy choices (A as large as B)."""
-    model = tiny_model(stage=stage, seed=3, **wings)
-    for learner in (model.llm.layers.side.visual, model.llm.layers.side.textual):
-        for name in "qkvo":
-            param = getattr(learner, f"{name}_a")
-            param.set_value(param.get_value() * 15)
-    return model
 
 
 @pytest.mark.parametrize("stage", ["finetune", "pretrain"])
