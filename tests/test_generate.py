@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from hf_fixtures import make_qwen
-from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, strong_model, tiny_model
+from wings_fixtures import TINY_LLM, TINY_MHA_LLM, TINY_VISION, randomize_learner_b, strong_model, tiny_model
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
@@ -24,7 +24,7 @@ from wings_jax.data.tokenizer import build_local_qwen_tokenizer, load_tokenizer
 from wings_jax.inference import Engine, GenerationError, Sampling, load_for_inference, sample_tokens
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.runtime import Runtime
+from wings_jax.model.runtime import TEXT_CACHES, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TOKENIZER_VOCAB = 512
@@ -62,9 +62,11 @@ def teacher_forced_argmax(engine, prompts, generations):
             for p, logits in zip(prompts, engine.logits(full))]
 
 
+@pytest.mark.parametrize("llm", [TINY_LLM, TINY_MHA_LLM], ids=["gqa", "mha"])
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
 @pytest.mark.parametrize("stage", ["finetune", "pretrain"])
-def test_cached_greedy_equals_recomputation(stage):
-    engine = Engine(strong_model(stage))
+def test_cached_greedy_equals_recomputation(stage, text_cache, llm):
+    engine = Engine(strong_model(stage, Runtime(text_cache=text_cache), llm))
     cached = engine.generate(PROMPTS, NEW)
     recomputed = engine.generate(PROMPTS, NEW, recompute=True)
     assert [g.token_ids for g in cached] == [g.token_ids for g in recomputed]
@@ -73,17 +75,19 @@ def test_cached_greedy_equals_recomputation(stage):
         assert [g.token_ids for g in cached] == teacher_forced_argmax(engine, PROMPTS, cached)
 
 
-def test_batched_equals_one_by_one():
-    engine = Engine(strong_model())
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
+def test_batched_equals_one_by_one(text_cache):
+    engine = Engine(strong_model(runtime=Runtime(text_cache=text_cache)))
     batched = engine.generate(PROMPTS, NEW)
     for prompt, together in zip(PROMPTS[:4], batched):
         assert engine.generate([prompt], NEW) == [together]
 
 
-def test_blocks_of_steps_on_device_equal_one_block():
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
+def test_blocks_of_steps_on_device_equal_one_block(text_cache):
     """Blocks that end mid-generation (3 steps per dispatch) and rows that stop in different blocks give the
     tokens of a single block."""
-    engine = Engine(strong_model())
+    engine = Engine(strong_model(runtime=Runtime(text_cache=text_cache)))
     whole = engine.generate(PROMPTS, NEW)
     stop = whole[0].token_ids[4]
     engine.steps_per_dispatch = 3
