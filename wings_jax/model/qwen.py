@@ -216,7 +216,7 @@ class Qwen2(nnx.Module):
     def init_cache(self, batch: int, max_length: int, extra_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None
                    ) -> DecodeCache:
         """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype),
-        (B, heads, slots, head_dim) like 'k' and 'v'."""
+        slots at axis -2 like 'k' and 'v' (B, heads, slots, head_dim), or image tokens there for names 'image_*'."""
         cfg = self.cfg
         kv_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
         layers = {"k": jnp.zeros(kv_shape, self.rt.dtype), "v": jnp.zeros(kv_shape, self.rt.dtype)}
