@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from hf_fixtures import make_qwen
-from wings_fixtures import TINY_LLM, TINY_VISION, randomize_learner_b, tiny_model
+from wings_fixtures import TINY_LLM, TINY_MHA_LLM, TINY_VISION, randomize_learner_b, strong_model, tiny_model
 from wings_jax.convert.__main__ import main as convert_main
 from wings_jax.checkpoint import save_model
 from wings_jax.data.assemble import Prompt
@@ -27,7 +27,7 @@ from wings_jax.inference import (ChatSession, Engine, GenerationError, Sampling,
                                  joined, load_for_inference, sample_tokens, with_continuation)
 from wings_jax.generate import main as generate_main
 from wings_jax.model.learners import WingsConfig
-from wings_jax.model.runtime import Runtime
+from wings_jax.model.runtime import TEXT_CACHES, Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TOKENIZER_VOCAB = 512
@@ -65,19 +65,11 @@ def teacher_forced_argmax(engine, prompts, generations):
             for p, logits in zip(prompts, engine.logits(full))]
 
 
-def strong_model(stage="finetune", kv_heads=TINY_LLM.num_kv_heads, **wings):
-    """A tiny model whose learners move the logits enough to change greedy choices (A as large as B)."""
-    model = tiny_model(stage=stage, seed=3, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads), **wings)
-    for learner in (model.llm.layers.side.visual, model.llm.layers.side.textual):
-        for name in "qkvo":
-            param = getattr(learner, f"{name}_a")
-            param.set_value(param.get_value() * 15)
-    return model
-
-
+@pytest.mark.parametrize("llm", [TINY_LLM, TINY_MHA_LLM], ids=["gqa", "mha"])
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
 @pytest.mark.parametrize("stage", ["finetune", "pretrain"])
-def test_cached_greedy_equals_recomputation(stage):
-    engine = Engine(strong_model(stage))
+def test_cached_greedy_equals_recomputation(stage, text_cache, llm):
+    engine = Engine(strong_model(stage, Runtime(text_cache=text_cache), llm))
     cached = engine.generate(PROMPTS, NEW)
     recomputed = engine.generate(PROMPTS, NEW, recompute=True)
     assert [g.token_ids for g in cached] == [g.token_ids for g in recomputed]
@@ -86,17 +78,19 @@ def test_cached_greedy_equals_recomputation(stage):
         assert [g.token_ids for g in cached] == teacher_forced_argmax(engine, PROMPTS, cached)
 
 
-def test_batched_equals_one_by_one():
-    engine = Engine(strong_model())
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
+def test_batched_equals_one_by_one(text_cache):
+    engine = Engine(strong_model(runtime=Runtime(text_cache=text_cache)))
     batched = engine.generate(PROMPTS, NEW)
     for prompt, together in zip(PROMPTS[:4], batched):
         assert engine.generate([prompt], NEW) == [together]
 
 
-def test_blocks_of_steps_on_device_equal_one_block():
+@pytest.mark.parametrize("text_cache", TEXT_CACHES)
+def test_blocks_of_steps_on_device_equal_one_block(text_cache):
     """Blocks that end mid-generation (3 steps per dispatch) and rows that stop in different blocks give the
     tokens of a single block."""
-    engine = Engine(strong_model())
+    engine = Engine(strong_model(runtime=Runtime(text_cache=text_cache)))
     whole = engine.generate(PROMPTS, NEW)
     stop = whole[0].token_ids[4]
     engine.steps_per_dispatch = 3
@@ -231,7 +225,8 @@ def test_chat_keeps_its_cache_and_replies_as_a_reread(stage, kv_heads, causal, i
     """Three turns: the session that keeps its cache (re-reading only at turns that add an image) replies
     token for token as one that re-reads the conversation's tokens every turn, whether a reply ends by length
     (its last token not yet in the cache) or at a stop token."""
-    engine = Engine(strong_model(stage, kv_heads, causal_images=causal))
+    engine = Engine(strong_model(stage, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads),
+                                  causal_images=causal))
     turns = [make_prompt(13, 1, seed=11)] + [make_turn(9, int(k == image_turn), seed=11 + k) for k in (1, 2)]
     kept, replies = chat(engine, turns, keep_cache=True)
     reread, expected = chat(engine, turns, keep_cache=False)

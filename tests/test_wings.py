@@ -255,3 +255,29 @@ def test_separate_layers_compute_what_stacked_layers_do(stage, learner_layers):
     extended, _ = model.extend(tokens, positions, cache)
     extended_separate, _ = separate.extend(tokens, positions, cache_separate)
     close(extended_separate, extended)
+
+
+@pytest.mark.parametrize("stage,causal_images", [("finetune", False), ("pretrain", False), ("finetune", True)])
+def test_padded_rows_on_the_jax_nn_path_equal_the_xla_path(monkeypatch, stage, causal_images):
+    """runtime rows='padded' with attention='dot_product': the main attention, both learners and the tower take
+    their masks as structure (no mask array reaches jax.nn.dot_product_attention, except the visual learner's
+    causal_images, which is causal by image start), and logits and gradients equal the xla path's."""
+    batch = _batch([ROWS["two_images"], ROWS["text"]])  # right padding: unpacked rows
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+
+    def run(runtime):
+        model = tiny_model(stage, runtime=runtime, causal_images=causal_images)
+        loss = lambda m: jnp.sum(jnp.sin(m(batch)) * (batch["segment_ids"][..., None] != 0))  # noqa: E731
+        value, grads = nnx.value_and_grad(loss)(model)
+        return value, model(batch), nnx.state(grads, nnx.Param)
+
+    value, logits, grads = run(Runtime(attention="dot_product", rows="padded"))
+    masked = [kw for kw in calls if kw.get("mask") is not None]
+    assert calls and len(masked) == (2 if causal_images else 0)  # forward of the value, and of the logits
+    want_value, want_logits, want_grads = run(Runtime())
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-3)

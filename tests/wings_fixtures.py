@@ -1,6 +1,7 @@
 """Tiny Wings models: fresh wings_jax models and random checkpoints in the released original layout."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zlib
@@ -23,17 +24,28 @@ from wings_jax.model.wings import WingsModel, WingsModelConfig
 
 TINY_LLM = QwenConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       rope_theta=10000.0)
+TINY_MHA_LLM = dataclasses.replace(TINY_LLM, num_kv_heads=TINY_LLM.num_heads)
 TINY_VISION = SiglipConfig(image_size=28, patch_size=14, hidden_size=24, intermediate_size=48, num_layers=2,
                            num_heads=2)  # 4 tokens per image
 
 
 def tiny_model(stage="finetune", runtime=Runtime(), seed=0, randomize_b=True, llm=TINY_LLM, **wings) -> WingsModel:
-    """A fresh tiny Wings model; ``randomize_b`` makes every learner output non-zero."""
+    """A fresh tiny Wings model (GQA base unless ``llm``); ``randomize_b`` makes every learner output non-zero."""
     cfg = WingsModelConfig(llm=llm, vision=TINY_VISION,
                            wings=WingsConfig(stage=stage, lora_rank=8, router_max_len=128, **wings))
     model = WingsModel(cfg, runtime, rngs=nnx.Rngs(seed))
     if randomize_b:
         randomize_learner_b(model, seed)
+    return model
+
+
+def strong_model(stage="finetune", runtime=Runtime(), llm=TINY_LLM, **wings) -> WingsModel:
+    """A tiny model whose learners move the logits enough to change greedy choices (A as large as B)."""
+    model = tiny_model(stage=stage, runtime=runtime, seed=3, llm=llm, **wings)
+    for learner in (model.llm.layers.side.visual, model.llm.layers.side.textual):
+        for name in "qkvo":
+            param = getattr(learner, f"{name}_a")
+            param.set_value(param.get_value() * 15)
     return model
 
 

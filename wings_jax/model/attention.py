@@ -31,7 +31,7 @@ mask; for decode that is (B, 1, T, S) with T small: linear in the cache length.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal, Sequence, TypeVar
 
 import functools
 
@@ -44,6 +44,7 @@ IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
 Rows = Literal["packed", "padded"]
 ROWS = ("packed", "padded")
 ATTENTION_NAME = "attention"  # checkpoint name of attention outputs (and the xla path's log-sum-exp)
+T = TypeVar("T")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows stay NaN-free
 # The exclusion channel's key value: finite in float16 and bfloat16, and times any head size's scale
 # (>= 1/16 up to 256-wide heads) a logit far below every real one, so excluded keys get weight exactly 0.
@@ -89,21 +90,13 @@ def attend(
     if q.shape[2] % kv_heads:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {kv_heads}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    lengths = prefix_lengths(k.shape[key_axis])
-    if key_fill is not None and len(lengths) > 1:
+    if key_fill is not None:
         kw = dict(q_pos=q_pos, q_seg=q_seg, causal=causal, scale=scale, implementation=implementation,
                   q_chunk=q_chunk, heads_first=heads_first, rows=rows)
-
-        def prefix(n):
-            def run(k, v, k_pos, k_seg, extra_values):
-                cut = functools.partial(jax.lax.slice_in_dim, start_index=0, limit_index=n)
-                return attend(q, cut(k, axis=key_axis), cut(v, axis=key_axis), k_pos=cut(k_pos, axis=1),
-                              k_seg=cut(k_seg, axis=1),
-                              extra_values=None if extra_values is None else cut(extra_values, axis=1), **kw)
-            return run
-
-        index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), key_fill), len(lengths) - 1)
-        return jax.lax.switch(index, [prefix(n) for n in lengths], k, v, k_pos, k_seg, extra_values)
+        return on_filled_prefix(
+            lambda k, v, k_pos, k_seg, extra_values: attend(q, k, v, k_pos=k_pos, k_seg=k_seg,
+                                                            extra_values=extra_values, **kw),
+            key_fill, (k, v, k_pos, k_seg, extra_values), (key_axis, key_axis, 1, 1, 1))
     if implementation == "xla":
         if not heads_first:
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -118,6 +111,22 @@ def attend(
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
+
+
+def on_filled_prefix(fn: Callable[..., T], key_fill: jax.Array, arrays: Sequence[jax.Array | None],
+                     axes: Sequence[int]) -> T:
+    """``fn(*arrays)`` with each array cut along its key axis (``axes``; None entries stay None) to the
+    shortest of :func:`prefix_lengths` that holds ``key_fill`` keys: one ``lax.switch`` branch per length."""
+    lengths = prefix_lengths(arrays[0].shape[axes[0]])
+
+    def prefix(n):
+        return lambda arrays: fn(*(None if a is None else jax.lax.slice_in_dim(a, 0, n, axis=axis)
+                                   for a, axis in zip(arrays, axes)))
+
+    if len(lengths) == 1:
+        return fn(*arrays)
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), key_fill), len(lengths) - 1)
+    return jax.lax.switch(index, [prefix(n) for n in lengths], tuple(arrays))
 
 
 def prefix_lengths(keys: int, smallest: int = 16) -> tuple[int, ...]:

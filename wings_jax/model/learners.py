@@ -89,6 +89,8 @@ class LearnerInputs:
     text_key_mask_pos: jax.Array  # (B, S)
     text_key_segments: jax.Array  # (B, S)
     repeats: jax.Array  # (B, 2) multipliers of the routed (visual, textual) outputs: 1 unless reference mode
+    # (B, S, H) the embeddings at every cache slot with a low-rank textual cache (runtime.text_cache), else None
+    text_key_feats: jax.Array | None = None
 
 
 class LoRRALearner(nnx.Module):
@@ -216,20 +218,37 @@ class WingsBlock(nnx.Module):
             q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
             q_chunk=self.rt.q_chunk, heads_first=cached,
+            rows="packed" if self.cfg.causal_images else self.rt.rows,  # causal by image start, not by index
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
     def _textual(self, h, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
-        k, v = self.textual.keys_values(inputs.text_feats, projected["textual"], attn.positions, self.theta)
-        if cache is not None:
-            k = cache.write_slots("text_k", k, attn.slots)
-            v = cache.write_slots("text_v", v, attn.slots)
         q = self.textual.queries(h, attn.positions, self.theta)
-        out, _ = attention_lib.attend(
-            q, k, v, q_pos=inputs.text_query_mask_pos, k_pos=inputs.text_key_mask_pos, q_seg=attn.segments,
-            k_seg=inputs.text_key_segments, causal=True, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
-            heads_first=cache is not None, key_fill=attn.key_fill,  # text keys sit at the main cache's slots
-        )
+        # structure needs causality by index: not with a cache (queries at slots) nor in reference mode (by rank)
+        by_index = cache is None and self.cfg.mixing == "corrected"
+        kw = dict(q_pos=inputs.text_query_mask_pos, q_seg=attn.segments, causal=True,
+                  implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
+                  rows=self.rt.rows if by_index else "packed")
+        if inputs.text_key_feats is not None:
+            # Low-rank cache: this layer keeps only F A_k | F A_v per slot (B, 1, S, 2 rank); keys and values
+            # are rebuilt from them and the cached embeddings over the filled slots (text keys sit at the main
+            # cache's slots, so its key_fill bounds them).
+            low = cache.write_slots("text_low", projected["textual"][:, :, None], attn.slots)[:, 0]
+
+            def over(feats, low, positions, mask_pos, segments):
+                k, v = self.textual.keys_values(feats, low, positions, self.theta)
+                return attention_lib.attend(q, k, v, k_pos=mask_pos, k_seg=segments, **kw)
+
+            out, _ = attention_lib.on_filled_prefix(
+                over, attn.key_fill, (inputs.text_key_feats, low, attn.key_positions, inputs.text_key_mask_pos,
+                                      inputs.text_key_segments), (1,) * 5)
+        else:
+            k, v = self.textual.keys_values(inputs.text_feats, projected["textual"], attn.positions, self.theta)
+            if cache is not None:
+                k = cache.write_slots("text_k", k, attn.slots)
+                v = cache.write_slots("text_v", v, attn.slots)
+            out, _ = attention_lib.attend(q, k, v, k_pos=inputs.text_key_mask_pos, k_seg=inputs.text_key_segments,
+                                          heads_first=cache is not None, key_fill=attn.key_fill, **kw)
         return constrain(self.textual.output(out), ("act_batch", "act_length", "act_embed"))
 
 

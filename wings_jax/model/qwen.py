@@ -72,7 +72,8 @@ class Attention(nnx.Module):
         out, extra = attention_lib.attend(
             q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
             causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
-            heads_first=cache is not None, key_fill=inputs.key_fill, rows=self.rt.rows,
+            heads_first=cache is not None, key_fill=inputs.key_fill,
+            rows=self.rt.rows if cache is None else "packed",  # queries at cache slots: causal not by index
         )
         return self.o(out), extra
 
@@ -218,7 +219,7 @@ class Qwen2(nnx.Module):
     def init_cache(self, batch: int, max_length: int, extra_layers: dict[str, tuple[tuple[int, ...], Any]] | None = None
                    ) -> DecodeCache:
         """An empty cache; ``extra_layers`` adds per-layer buffers: name -> (shape without layers axis, dtype),
-        (B, heads, slots, head_dim) like 'k' and 'v'."""
+        slots at axis -2 like 'k' and 'v' (B, heads, slots, head_dim), or image tokens there for names 'image_*'."""
         cfg = self.cfg
         kv_shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
         shapes = {"k": (kv_shape, self.rt.dtype), "v": (kv_shape, self.rt.dtype), **(extra_layers or {})}

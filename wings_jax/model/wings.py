@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wings_jax.model.cache import AttentionInputs, DecodeCache
+from wings_jax.model.cache import AttentionInputs, DecodeCache, write_slots
 from wings_jax.model.inputs import IMAGE_TOKEN_ID, normalize
 from wings_jax.model.layers import unstacked
 from wings_jax.model.learners import LearnerInputs, WingsConfig, WingsDecoderLayer
@@ -130,10 +130,15 @@ class WingsModel(nnx.Module):
         if self.cfg.wings.enabled:
             buffers.update(image_k=((b, llm.num_heads, num_image_tokens, d), dtype),
                            image_v=((b, llm.num_heads, num_image_tokens, d), dtype))
+        learners = {}
         if self.cfg.wings.uses_router:  # the textual learner (finetune stage only) keeps keys per text slot
-            buffers.update(text_k=((b, llm.num_heads, max_length, d), dtype),
-                           text_v=((b, llm.num_heads, max_length, d), dtype))
-        cache = self.llm.init_cache(b, max_length, buffers)
+            if self.rt.text_cache == "low_rank":  # per layer F A_k | F A_v, the embeddings F once for all layers
+                buffers.update(text_low=((b, 1, max_length, 2 * self.cfg.wings.lora_rank), dtype))
+                learners.update(text_feats=jnp.zeros((b, max_length, llm.hidden_size), dtype))
+            else:
+                buffers.update(text_k=((b, llm.num_heads, max_length, d), dtype),
+                               text_v=((b, llm.num_heads, max_length, d), dtype))
+        cache = self.llm.init_cache(b, max_length, buffers).replace(learners=learners)
         return self._run_cached(batch, cache, logits_at)
 
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
@@ -165,10 +170,11 @@ class WingsModel(nnx.Module):
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)
         if learners is not None:
-            cache = cache.replace(learners={**cache.learners, "text_segments": learners.text_key_segments,
-                                        "image_positions": learners.image_positions,
-                                        "image_mask_pos": learners.image_mask_pos,
-                                        "image_segments": learners.image_segments})
+            kept = {"text_segments": learners.text_key_segments, "image_positions": learners.image_positions,
+                    "image_mask_pos": learners.image_mask_pos, "image_segments": learners.image_segments}
+            if learners.text_key_feats is not None:
+                kept["text_feats"] = learners.text_key_feats
+            cache = cache.replace(learners={**cache.learners, **kept})
         return self.llm.logits(hidden), cache
 
     def _run_layers(self, x: jax.Array, attn: AttentionInputs, learners: LearnerInputs | None,
@@ -247,11 +253,15 @@ class WingsModel(nnx.Module):
         # The textual learner's keys are the main attention's, minus image slots (text_mask).
         text_segments = attn.keys(jnp.where(text_mask, segments, 0),
                                   None if cache is None else cache.learners.get("text_segments"))
+        # a low-rank textual cache (allocated by prefill) holds every slot's embedding: this call's go in
+        text_key_feats = None
+        if cache is not None and "text_feats" in cache.learners:
+            text_key_feats = write_slots(cache.learners["text_feats"], x, attn.slots)
         learners = LearnerInputs(
             image_feats=image_feats, image_positions=image_positions, image_mask_pos=image_mask_pos,
             image_segments=image_segments, image_query_segments=segments, text_feats=x,
             text_query_mask_pos=positions, text_key_mask_pos=attn.key_positions, text_key_segments=text_segments,
-            repeats=jnp.ones((b, 2), jnp.float32),
+            repeats=jnp.ones((b, 2), jnp.float32), text_key_feats=text_key_feats,
         )
         return x, attn, learners
 
