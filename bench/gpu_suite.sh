@@ -16,3 +16,4 @@ run python3 bench/train_step.py --preset qwen1.8b-so400m --stage finetune --batc
 run python3 bench/train_step.py --preset qwen1.8b-so400m --stage pretrain --batch 8 --attention cudnn --remat attention --steps 5
 run python3 bench/router_memory.py
 run python3 bench/decode.py --no-transformers
+run python3 bench/learner_cache.py --tokens 4096 --step-layers 4 --dtype bfloat16 --rounds 3

@@ -91,8 +91,9 @@ def inference_dtype(dtype: str | None = None) -> str:
 def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None
                        ) -> tuple[WingsModel, Any]:
     """The model (parameters stored and computed in ``dtype``, default :func:`inference_dtype`; with a
-    ``mesh``, replicated on each of its devices; decoder layers as separate modules, as :class:`Engine` runs
-    them) and tokenizer of a checkpoint or workdir."""
+    ``mesh``, replicated on each of its devices) and tokenizer of a checkpoint or workdir. An :class:`Engine`
+    of it holds its own copy of the decoder layers (as separate modules): keep no other reference to the model
+    when memory is tight."""
     dtype = inference_dtype(dtype)
     if not epath.Path(path).exists():
         raise CheckpointError(f"checkpoint directory {path!r} does not exist; pass a converted checkpoint "
@@ -100,8 +101,7 @@ def load_for_inference(path: str, dtype: str | None = None, mesh: jax.sharding.M
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     model, _ = load_model(path, Runtime(dtype=dtype, param_dtype=dtype), shardings_fn=None if mesh is None else (
         lambda params: jax.tree.map(lambda _: replicated, params.to_pure_dict())))
-    # as the Engine runs it, so an Engine of this model holds no second copy of the layers
-    return model.with_separate_layers(), load_tokenizer(path)
+    return model, load_tokenizer(path)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
