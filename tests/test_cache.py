@@ -1,5 +1,5 @@
 """AttentionInputs: the one description of queries and keys a model call builds (with or without a cache);
-a cache grown and extended gives what one prefill gives."""
+a cache grown and extended (with images too, under causal_images) gives what one prefill gives."""
 import dataclasses
 
 import jax
@@ -94,7 +94,47 @@ def test_prefill_then_extend_equals_prefill_of_the_whole(stage, kv_heads, separa
     np.testing.assert_allclose(pieces, np.asarray(full[0, a:]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage,kv_heads", [("finetune", 2), ("finetune", 4), ("pretrain", 2), ("pretrain", 4)])
+@pytest.mark.parametrize("separate", [False, True])
+def test_extend_with_an_image_under_causal_images_equals_prefill_of_the_whole(stage, kv_heads, separate):
+    """With causal_images an image read by ``extend`` changes no earlier token: prefill A (an image), grow the
+    cache (slots and image-token room, more than needed), extend B (a second image among its tokens, padding
+    past the end), extend one token C: the logits of one prefill of A + B + C."""
+    model = tiny_model(stage, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads), seed=3, causal_images=True)
+    if separate:
+        model = model.with_separate_layers()
+    items = [1, 2, 3, 4, "img", 5, 6, 7, 8, 9, "img", *range(10, 16)]
+    n = len(items) - 2 + 2 * TOKENS
+    a, b = 4 + TOKENS + 2, n - 1  # A: up to two tokens after the first image; B: the second image, up to the last
+    whole = make_batch([items], TOKENS, SIZE, n)
+    full, _ = model.prefill(jnp_batch(whole), max_length=n)
+    first = {**whole, "segment_ids": np.where(np.arange(n) < a, whole["segment_ids"], 0),
+             "images": whole["images"][:, :1], "image_mask": whole["image_mask"][:, :1]}
+    _, cache = model.prefill(jnp_batch(first), max_length=16)
+    cache = grown(cache, 64, image_tokens=3 * TOKENS)
+    first_layer = lambda name: jax.tree.leaves(cache.layers[name])[0]  # noqa: E731
+    assert first_layer("image_k").shape[-2] == cache.learners["image_segments"].shape[1] == 3 * TOKENS
+    padding = 3
+    tokens = np.concatenate([whole["tokens"][:, a:b], np.zeros((1, padding), np.int32)], axis=1)
+    positions = np.concatenate([np.arange(a, b), np.full(padding, 64)])[None].astype(np.int32)
+    middle, cache = model.extend(jnp.asarray(tokens), jnp.asarray(positions), cache,
+                                 jnp.asarray(whole["images"][:, 1:]), jnp.asarray(whole["image_mask"][:, 1:]))
+    np.testing.assert_array_equal(cache.learners["image_segments"][0], np.repeat([1, 1, 0], TOKENS))
+    last, _ = model.extend(jnp.asarray(whole["tokens"][:, b:]), jnp.asarray([[b]], jnp.int32), cache)
+    pieces = np.concatenate([middle[0, :b - a], last[0]])
+    np.testing.assert_allclose(pieces, np.asarray(full[0, a:]), rtol=0, atol=1e-5)
+
+
+def test_extend_refuses_images_the_earlier_tokens_would_see():
+    model = tiny_model()  # causal_images=False: an earlier token's visual learner sees every image of its row
+    images = jnp.zeros((1, 1, SIZE, SIZE, 3))
+    with pytest.raises(ValueError, match="causal_images"):
+        model.extend(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32), None, images, jnp.ones((1, 1), bool))
+
+
 def test_a_cache_does_not_shrink():
     cache = _cache(np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="shrink"):
         grown(cache, 3)
+    with pytest.raises(ValueError, match="shrink"):
+        grown(cache.replace(learners={"image_segments": jnp.zeros((1, 2), jnp.int32)}), 4, image_tokens=1)

@@ -222,22 +222,26 @@ CHATS = [("finetune", 2, False, None), ("pretrain", 4, False, None), ("finetune"
 
 @pytest.mark.parametrize("stage,kv_heads,causal,image_turn", CHATS)
 def test_chat_keeps_its_cache_and_replies_as_a_reread(stage, kv_heads, causal, image_turn):
-    """Three turns: the session that keeps its cache (re-reading only at turns that add an image) replies
-    token for token as one that re-reads the conversation's tokens every turn, whether a reply ends by length
-    (its last token not yet in the cache) or at a stop token."""
+    """Three turns: the session that keeps its cache (re-reading only at turns that add an image without
+    causal_images; with it, extending by the image too) replies token for token as one that re-reads the
+    conversation's tokens every turn, whether a reply ends by length (its last token not yet in the cache) or at
+    a stop token."""
     engine = Engine(strong_model(stage, llm=dataclasses.replace(TINY_LLM, num_kv_heads=kv_heads),
                                   causal_images=causal))
     turns = [make_prompt(13, 1, seed=11)] + [make_turn(9, int(k == image_turn), seed=11 + k) for k in (1, 2)]
     kept, replies = chat(engine, turns, keep_cache=True)
     reread, expected = chat(engine, turns, keep_cache=False)
     assert replies == expected and all(r.finish_reason == "length" for r in replies)
-    assert kept.rereads == (1 if image_turn is None else 2) and reread.rereads == 3
+    rereads = 1 if image_turn is None or causal else 2  # the first turn's prefill, and a stale cache's re-read
+    assert kept.rereads == rereads and reread.rereads == 3
+    if causal:  # the image-token room: the two images, bucketed by images
+        assert kept._carry.cache.image_tokens == 2 * TOKENS
     conversation = [turns[0].tokens, replies[0].token_ids, turns[1].tokens, replies[1].token_ids, turns[2].tokens]
     np.testing.assert_array_equal(kept.prompt.tokens, np.concatenate(conversation))
     stop = replies[0].token_ids[NEW // 2]
     kept, replies = chat(engine, turns, keep_cache=True, stop_ids=[stop])
     assert replies == chat(engine, turns, keep_cache=False, stop_ids=[stop])[1]
-    assert replies[0].finish_reason == "stop" and kept.rereads == (1 if image_turn is None else 2)
+    assert replies[0].finish_reason == "stop" and kept.rereads == rereads
 
 
 def test_chat_grows_its_cache_and_refuses_what_does_not_fit():
@@ -457,7 +461,8 @@ def _chat_both_ways(capsys, monkeypatch, argv, stdin):
 @pytest.mark.parametrize("stage,kv_heads,causal", [("finetune", 2, False), ("pretrain", 4, True)])
 def test_cli_interactive_chat_keeps_its_cache(stage, kv_heads, causal, tmp_path, capsys, monkeypatch):
     """Three messages (an image at the first, a text-only one, an image again), with the cache kept and with
-    every turn re-read: the same replies; each prompt is the previous one, its reply's ids, then the turn."""
+    every turn re-read: the same replies; each prompt is the previous one, its reply's ids, then the turn. The
+    kept cache re-reads at the second image only without causal_images."""
     ckpt = save_vision_checkpoint(str(tmp_path), seed=1, stage=stage, kv_heads=kv_heads, causal_images=causal)
     image = str(tmp_path / "picture.png")
     Image.fromarray(np.random.RandomState(1).randint(0, 256, (30, 40, 3), np.uint8)).save(image)
@@ -466,7 +471,7 @@ def test_cli_interactive_chat_keeps_its_cache(stage, kv_heads, causal, tmp_path,
                            stdin)
     (kept, kept_rereads), (reread, reread_rereads) = runs[True], runs[False]
     assert kept == reread and len(kept) == 3
-    assert (kept_rereads, reread_rereads) == (2, 3)  # the text-only turn extended the cache
+    assert (kept_rereads, reread_rereads) == (1 if causal else 2, 3)  # the text-only turn extended the cache
     for before, after in zip(kept, kept[1:]):
         n = len(before["prompt_token_ids"]) + len(before["generated_token_ids"])
         assert after["prompt_token_ids"][:n] == before["prompt_token_ids"] + before["generated_token_ids"]

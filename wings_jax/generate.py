@@ -15,9 +15,10 @@ reach the host and decode to whole characters), then a newline.
 
 Interactive mode reads stdin until EOF or ``/exit``; a line ``/image PATH`` attaches an image to the next
 message. The conversation is kept as the tokens read and generated (a reply is never re-tokenized from its
-text), and so is the model's decode cache: a message without an image reads only its own tokens. A message
-with an image re-reads the whole conversation, as does every message to a ``mixing='reference'`` model (see
-``inference.ChatSession``); either way the reply is the one a re-read of the conversation's tokens gives.
+text), and so is the model's decode cache: a message reads only its own tokens (and images), except that a
+message with an image re-reads the whole conversation unless the model has ``causal_images``, as does every
+message to a ``mixing='reference'`` model (see ``inference.ChatSession``); either way the reply is the one a
+re-read of the conversation's tokens gives.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from wings_jax.data.conversation import TurnLike
 from wings_jax.data.images import ImageSource
 from wings_jax.data.tokenizer import load_tokenizer
 from wings_jax.model.cache import DecodeCache, grown
+from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.model.runtime import Runtime
 from wings_jax.model.wings import WingsModel, WingsModelConfig
 from wings_jax.sharding import batch_sharding
@@ -271,9 +272,10 @@ def _steps(graphdef: nnx.GraphDef) -> _Steps:
             more, body, (jnp.int32(0), out, tokens, cache, positions, step, done))
         return out, count, tokens, cache, positions, step, done
 
-    def extend_turn(state, cache, tokens, positions, last, key, settings):
-        """Feeds a turn's tokens (B, T) at ``positions``; samples the first reply token from the ``last``-th."""
-        logits, cache = nnx.merge(graphdef, state).extend(tokens, positions, cache)
+    def extend_turn(state, cache, tokens, positions, last, key, settings, images=None, image_mask=None):
+        """Feeds a turn's tokens (B, T) at ``positions`` (and the images of their ``<image>`` slots, if any);
+        samples the first reply token from the ``last``-th."""
+        logits, cache = nnx.merge(graphdef, state).extend(tokens, positions, cache, images, image_mask)
         return sample_tokens(logits[:, last], jax.random.fold_in(key, 0), settings), cache
 
     def recompute(state, batch, lengths, key, step, settings):
@@ -431,13 +433,26 @@ class Engine:
                                             max_length=max_length)
         return tokens, _Carry(cache, jnp.asarray(lengths))
 
-    def _extended(self, carry: "_Carry", tokens: np.ndarray, max_length: int, key, settings) -> jax.Array:
+    def _extended(self, carry: "_Carry", tokens: np.ndarray, max_length: int, key, settings,
+                  images: np.ndarray | None = None) -> jax.Array:
         """Feeds the tokens of one conversation ``tokens`` that the cache lacks (from ``carry.positions`` on) and
-        returns the first sampled token (1,); the carry's cache first grows to ``max_length`` slots if smaller."""
+        returns the first sampled token (1,); the carry's cache first grows to ``max_length`` slots if smaller.
+        ``images`` (I, S, S, 3) fill the ``<image>`` slots among those tokens (``WingsModel.extend``: only with
+        ``causal_images``); the cache then grows to hold every image of the conversation if it does not."""
         start = int(carry.positions[0])
         new = tokens[start:]
-        if carry.cache.max_length < max_length:
-            carry.cache = grown(carry.cache, max_length)
+        image_batch, image_tokens = {}, carry.cache.image_tokens
+        if images is not None and len(images):
+            # Bucketed image counts bound the compilations: padding images (image_mask False) add no key, and
+            # the room holds a bucket of images at least as many as the conversation's
+            count, per_image = bucket_length(len(images), minimum=1), self.cfg.tokens_per_image
+            pixels = np.zeros((1, count, *images.shape[1:]), np.float32)
+            pixels[0, :len(images)] = images
+            image_batch = {"images": pixels, "image_mask": np.arange(count)[None] < len(images)}
+            needed = int(np.sum(tokens == IMAGE_TOKEN_ID)) // per_image
+            image_tokens = max(image_tokens, per_image * bucket_length(needed, minimum=1))
+        if carry.cache.max_length < max_length or carry.cache.image_tokens < image_tokens:
+            carry.cache = grown(carry.cache, max(max_length, carry.cache.max_length), image_tokens)
         # Bucketed widths bound the compilations; the padding sits past the cache's end, where writes are
         # dropped, so it changes nothing (``extend`` marks every token as real).
         width = bucket_length(len(new))
@@ -445,7 +460,7 @@ class Engine:
         positions = np.full((1, width), carry.cache.max_length, np.int32)
         ids[0, :len(new)], positions[0, :len(new)] = new, np.arange(start, len(tokens))
         first, carry.cache = self._steps.extend_turn(self.state, carry.cache, ids, positions, np.int32(len(new) - 1),
-                                                     key, settings)
+                                                     key, settings, **image_batch)
         carry.positions = jnp.asarray([len(tokens)], jnp.int32)
         return first
 
@@ -497,10 +512,12 @@ class ChatSession:
     - a turn that adds no image extends the cache by the tokens it lacks (the previous reply's last token when
       that reply ran out of tokens: a sampled token is fed at the next step; then the turn's tokens) and
       decodes the reply as ``Engine.generate`` does;
-    - a turn that adds an image re-reads the whole conversation (one prefill of every token and image). Without
-      ``causal_images`` the earlier tokens' visual learner sees the new image, so their cached keys and values
-      change. With it they would not, but the cache holds the learner's image keys only for the images of its
-      prefill (``image_k``/``image_v``; ``WingsModel.extend`` takes no images), so that case re-reads too;
+    - so does a turn that adds images with ``causal_images`` (the visual learner of a token sees only images that
+      start at or before it, so no earlier token's keys and values change): ``WingsModel.extend`` reads the
+      images with the turn's tokens, their visual keys going after the cached ones;
+    - without ``causal_images`` a turn that adds an image re-reads the whole conversation (one prefill of every
+      token and image): the earlier tokens' visual learner sees the new image, so their cached keys and values
+      change;
     - ``mixing='reference'`` models decode by recomputation (``Engine.must_recompute``): every turn re-reads.
 
     The cache grows to bucketed sizes when the conversation outgrows it. ``keep_cache=False`` re-reads every turn:
@@ -536,12 +553,14 @@ class ChatSession:
             carry, self._carry = self._carry, None  # steps donate the cache: a failed reply leaves none to trust
             key, settings = jax.random.key(seed), sampling.values()
             size = bucket_length(len(prompt.tokens) + max_new_tokens)  # bucketed: few cache shapes to compile
-            if carry is None or not self.keep_cache or len(turn.images):
+            # without causal_images the earlier tokens' visual learner sees a new image: their cache is stale
+            stale = len(turn.images) and not engine.cfg.wings.causal_images
+            if carry is None or not self.keep_cache or stale:
                 first, carry = engine._prefilled([prompt], np.asarray([len(prompt.tokens)], np.int32), size, key,
                                                  settings)
                 self.rereads += 1
             else:
-                first = engine._extended(carry, prompt.tokens, size, key, settings)
+                first = engine._extended(carry, prompt.tokens, size, key, settings, turn.images)
             steps = engine._decode(first, carry, max_new_tokens, settings, key, stop_ids)
             [generation] = _collect(steps, 1, set(stop_ids), on_token)
             self._carry = carry

@@ -25,8 +25,9 @@ class DecodeCache:
     ``segments`` is 0 for empty slots. ``learners`` holds per-sequence metadata of the Wings learners.
 
     Layout convention (what :func:`grown` relies on; every buffer added must follow it): in ``layers`` and
-    ``learners``, a name starting with ``image_`` is per image token, sized at prefill; every other array of
-    ``layers`` has its slot axis at -2, every other array of ``learners`` is (B, S, ...).
+    ``learners``, a name starting with ``image_`` is per image token (its image-token axis where the others
+    have their slot axis): sized at prefill, grown when ``WingsModel.extend`` appends images; every other array
+    of ``layers`` has its slot axis at -2, every other array of ``learners`` is (B, S, ...).
     """
 
     layers: dict[str, jax.Array]
@@ -38,26 +39,36 @@ class DecodeCache:
     def max_length(self) -> int:
         return self.positions.shape[1]
 
+    @property
+    def image_tokens(self) -> int:
+        """Entries of the image-token axis (0 without the Wings learners' image arrays)."""
+        segments = self.learners.get("image_segments")
+        return 0 if segments is None else segments.shape[1]
 
-def grown(cache: DecodeCache, max_length: int) -> DecodeCache:
-    """A copy of ``cache`` with ``max_length`` slots (at least its own); the new slots are empty (zeros, as in
-    a fresh cache: segment 0). Image-token arrays keep their size."""
+
+def grown(cache: DecodeCache, max_length: int, image_tokens: int | None = None) -> DecodeCache:
+    """A copy of ``cache`` with ``max_length`` slots and ``image_tokens`` image-token entries (each at least its
+    own; None keeps the image arrays' size); the new slots and entries are empty (zeros, as in a fresh cache:
+    segment 0)."""
     extra = max_length - cache.max_length
-    if extra < 0:
-        raise ValueError(f"cannot shrink a cache of {cache.max_length} slots to {max_length}")
+    extra_images = 0 if image_tokens is None else image_tokens - cache.image_tokens
+    if extra < 0 or extra_images < 0:
+        raise ValueError(f"cannot shrink a cache of {cache.max_length} slots and {cache.image_tokens} image tokens "
+                         f"to {max_length} and {image_tokens}")
 
-    def pad(array: jax.Array, axis: int) -> jax.Array:
+    def pad(array: jax.Array, axis: int, amount: int) -> jax.Array:
         widths = [(0, 0)] * array.ndim
-        widths[axis] = (0, extra)
+        widths[axis] = (0, amount)
         return jnp.pad(array, widths)
 
-    def per_slot(arrays: dict[str, jax.Array], axis: int) -> dict[str, jax.Array]:
+    def padded(arrays: dict[str, jax.Array], axis: int) -> dict[str, jax.Array]:
+        # image arrays grow along their image-token axis, at the same place as the others' slot axis;
         # jax.tree.map: a stacked array or a tuple of per-layer ones
-        return {name: a if name.startswith("image_") else jax.tree.map(lambda x: pad(x, axis), a)
+        return {name: jax.tree.map(lambda x: pad(x, axis, extra_images if name.startswith("image_") else extra), a)
                 for name, a in arrays.items()}
 
-    return cache.replace(layers=per_slot(cache.layers, -2), positions=pad(cache.positions, 1),
-                         segments=pad(cache.segments, 1), learners=per_slot(cache.learners, 1))
+    return cache.replace(layers=padded(cache.layers, -2), positions=pad(cache.positions, 1, extra),
+                         segments=pad(cache.segments, 1, extra), learners=padded(cache.learners, 1))
 
 
 @struct.dataclass

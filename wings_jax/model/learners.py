@@ -79,7 +79,7 @@ class LearnerInputs:
     reference mode.
     """
 
-    image_feats: jax.Array | None  # (B, M, H)
+    image_feats: jax.Array | None  # (B, M, H), or this call's (B, N, H) with image_slots
     image_positions: jax.Array  # (B, M) where each image token sits in the sequence (RoPE)
     image_mask_pos: jax.Array  # (B, M) start of each token's image (causal_images)
     image_segments: jax.Array  # (B, M)
@@ -91,6 +91,9 @@ class LearnerInputs:
     repeats: jax.Array  # (B, 2) multipliers of the routed (visual, textual) outputs: 1 unless reference mode
     # (B, S, H) the embeddings at every cache slot with a low-rank textual cache (runtime.text_cache), else None
     text_key_feats: jax.Array | None = None
+    # (B, N) with a cache and this call's images (extend): the image-token entries of image_feats, after the
+    # cached ones; None when image_feats are the whole image-token axis
+    image_slots: jax.Array | None = None
 
 
 class LoRRALearner(nnx.Module):
@@ -205,19 +208,25 @@ class WingsBlock(nnx.Module):
         return h + mixed
 
     def _visual(self, h, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
-        cached = inputs.image_feats is None
-        if cached:  # decoding: the image keys/values were cached at prefill, (B, heads, M, D)
+        if inputs.image_feats is None:  # decoding: the image keys/values were cached at prefill, (B, heads, M, D)
             k, v = cache.read("image_k"), cache.read("image_v")
         else:
-            k, v = self.visual.keys_values(inputs.image_feats, projected["visual"], inputs.image_positions, self.theta)
-            if cache is not None:
+            positions = inputs.image_positions if inputs.image_slots is None else jnp.take_along_axis(
+                inputs.image_positions, inputs.image_slots, axis=1, mode="clip")
+            k, v = self.visual.keys_values(inputs.image_feats, projected["visual"], positions, self.theta)
+            if inputs.image_slots is not None:  # extend with images: theirs go after the cached ones, read with them
+                k, v = (cache.write_slots("image_k", k, inputs.image_slots),
+                        cache.write_slots("image_v", v, inputs.image_slots))
+            elif cache is not None:
                 cache.write_layer("image_k", k)
                 cache.write_layer("image_v", v)
+        # k, v: the cache's (B, heads, M, D) buffers, or this call's (B, M, heads, D) keys and values
+        heads_first = inputs.image_feats is None or inputs.image_slots is not None
         q = self.visual.queries(h, attn.positions, self.theta)
         out, _ = attention_lib.attend(
             q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
-            q_chunk=self.rt.q_chunk, heads_first=cached,
+            q_chunk=self.rt.q_chunk, heads_first=heads_first,
             rows="packed" if self.cfg.causal_images else self.rt.rows,  # causal by image start, not by index
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))

@@ -141,11 +141,24 @@ class WingsModel(nnx.Module):
         cache = self.llm.init_cache(b, max_length, buffers).replace(learners=learners)
         return self._run_cached(batch, cache, logits_at)
 
-    def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-        """Appends text ``tokens`` (B, T) at ``positions`` and returns their logits and the new cache."""
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: DecodeCache, images: jax.Array | None = None,
+               image_mask: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+        """Appends ``tokens`` (B, T) at ``positions`` and returns their logits and the new cache.
+
+        ``images`` (B, I, S, S, 3) with ``image_mask`` (B, I), as in a prefill batch, fill the ``<image>`` slots
+        among ``tokens``. Only with ``wings.causal_images`` (or without the Wings branch): otherwise the earlier
+        tokens' visual learner would see them, which their cached keys and values do not. Their image-token
+        entries go after the cache's filled ones, which needs room there (:func:`~wings_jax.model.cache.grown`'s
+        ``image_tokens``); entries past its end are dropped.
+        """
         self._require_cacheable()
         batch = {"tokens": tokens, "positions": positions, "segment_ids": jnp.ones_like(tokens),
-                 "text_mask": jnp.ones(tokens.shape, bool)}
+                 "text_mask": tokens != IMAGE_TOKEN_ID}  # image slots are not the textual learner's keys
+        if images is not None:
+            if self.cfg.wings.enabled and not self.cfg.wings.causal_images:
+                raise ValueError("extend takes images only with wings.causal_images: otherwise the earlier tokens' "
+                                 "visual learner sees them too, so re-read (prefill) the whole sequence")
+            batch.update(images=images, image_mask=image_mask)
         return self._run_cached(batch, cache)
 
     # -----------------------------------------------------------------------------------------
@@ -232,6 +245,7 @@ class WingsModel(nnx.Module):
             return x, attn, self._reference_learner_inputs(x, batch, images, is_image)
 
         # image keys: each placed image token, at the position of its slot
+        image_slots = None
         if images is not None:
             m = flat.shape[1]
             rows = jnp.arange(b)[:, None]
@@ -242,6 +256,15 @@ class WingsModel(nnx.Module):
             per_image = image_positions.reshape(b, -1, self.cfg.tokens_per_image)
             image_mask_pos = jnp.broadcast_to(per_image[:, :, :1], per_image.shape).reshape(b, m)
             image_feats = flat
+            if cache is not None and "image_segments" in cache.learners:  # extend: after the cached images
+                cached = cache.learners["image_segments"]
+                # valid images come first (``_images``), so the filled entries end at the last non-empty one
+                filled = jnp.max(jnp.where(cached != 0, jnp.arange(1, cached.shape[1] + 1), 0), axis=1)
+                image_slots = filled[:, None] + jnp.arange(m)
+                image_positions, image_mask_pos, image_segments = (
+                    write_slots(cache.learners[name], new, image_slots) for name, new in
+                    (("image_positions", image_positions), ("image_mask_pos", image_mask_pos),
+                     ("image_segments", image_segments)))
         elif cache is not None and "image_positions" in cache.learners:
             image_feats = None
             image_positions, image_mask_pos = cache.learners["image_positions"], cache.learners["image_mask_pos"]
@@ -259,7 +282,7 @@ class WingsModel(nnx.Module):
             text_key_feats = write_slots(cache.learners["text_feats"], x, attn.slots)
         learners = LearnerInputs(
             image_feats=image_feats, image_positions=image_positions, image_mask_pos=image_mask_pos,
-            image_segments=image_segments, image_query_segments=segments, text_feats=x,
+            image_segments=image_segments, image_slots=image_slots, image_query_segments=segments, text_feats=x,
             text_query_mask_pos=positions, text_key_mask_pos=attn.key_positions, text_key_segments=text_segments,
             repeats=jnp.ones((b, 2), jnp.float32), text_key_feats=text_key_feats,
         )
