@@ -94,12 +94,13 @@ class Chat:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.sampling = Sampling(args.temperature, args.top_k, args.top_p)  # refuse bad settings before loading
-        self.model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
-        self.session = ChatSession(Engine(self.model))
+        model, self.tokenizer = load_for_inference(args.ckpt, args.dtype)
+        self.cfg = model.cfg  # not the model: the engine holds its own (separate-layer) copy of the weights
+        self.session = ChatSession(Engine(model))
         self.stop_ids = () if args.ignore_eos else stop_token_ids(self.tokenizer)
 
     def check_images(self, paths: Sequence[str]) -> None:
-        if paths and self.model.cfg.vision is None:
+        if paths and self.cfg.vision is None:
             raise GenerationError(f"checkpoint {self.args.ckpt!r} has no vision tower; it cannot take images "
                                   f"({', '.join(paths)})")
         for path in paths:
@@ -111,7 +112,7 @@ class Chat:
         capped to the room the model's length limit leaves after the prompt."""
         if self.args.max_new_tokens is not None:
             return self.args.max_new_tokens
-        limit = position_limit(self.model.cfg)
+        limit = position_limit(self.cfg)
         room = DEFAULT_MAX_NEW_TOKENS if limit is None else limit - prompt_length
         if 1 <= room < DEFAULT_MAX_NEW_TOKENS:
             print(f"note: generating at most {room} new tokens (the model takes {limit} positions, the prompt "
@@ -125,10 +126,10 @@ class Chat:
         self.check_images(images)
         text = with_image_placeholders(message, len(images))
         if self.session.prompt is None:
-            turn = encode_chat(self.model.cfg, self.tokenizer, [Turn("user", text)], images,
+            turn = encode_chat(self.cfg, self.tokenizer, [Turn("user", text)], images,
                                system_prompt=self.args.system)
         else:
-            turn = encode_chat_turn(self.model.cfg, self.tokenizer, text, images)
+            turn = encode_chat_turn(self.cfg, self.tokenizer, text, images)
         prompt = self.session.prompt_for(turn)
         result = self.session.reply(turn, self.max_new_tokens(len(prompt.tokens)), self.sampling, self.stop_ids,
                                     seed=self.args.seed, on_token=on_token)
