@@ -77,7 +77,8 @@ def attend(
     time: a decode loop reads more keys as it fills the cache, never all of them from its first step).
 
     ``rows="padded"`` promises one sequence per row with right padding (segment ids 0 or one value per
-    row); the cudnn / dot_product paths then take the mask as structure (see the module docstring).
+    row) and, when causal, causality by index (keys are the queries themselves: no cache slots); the cudnn /
+    dot_product paths then take the mask as structure (see the module docstring). The callers decide.
 
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
@@ -104,10 +105,8 @@ def attend(
     else:
         if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        # structure needs causality by index: keys are the queries themselves (no cache slots)
-        structured = rows == "padded" and not (causal and (heads_first or key_fill is not None))
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
-                                  "cudnn" if implementation == "cudnn" else None, structured)
+                                  "cudnn" if implementation == "cudnn" else None, rows == "padded")
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra
