@@ -6,7 +6,7 @@ Checks, for the Wings main-attention case (causal, router channels) in bfloat16 
 that every available implementation agrees with the "xla" one (max abs difference of outputs and router
 sums), then times forward + backward of each at 2048 tokens. Layouts: "packed" (a row of two segments
 and padding: the jax.nn paths take a dense mask) and "padded" (one sequence per row, right padding: they
-take the mask as structure, ``attend(rows="padded")``).
+take the mask as structure, ``attend(rows="padded", causal_by_index=True)``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def inputs(rows, b=2, t=2048, n=16, kv=16, d=128, dtype=jnp.bfloat16):
 
 def run(implementation, rows, q, k, v, extra, pos, seg):
     return attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, extra_values=extra,
-                  implementation=implementation, rows=rows)
+                  implementation=implementation, rows=rows, causal_by_index=True)
 
 
 def main() -> None:

@@ -209,7 +209,8 @@ def test_padded_rows_take_the_mask_as_structure(monkeypatch, causal, router, key
     def run(implementation, rows):
         def f(q, k, v, extra):
             out, summed = attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
-                                 extra_values=extra, implementation=implementation, rows=rows)
+                                 extra_values=extra, implementation=implementation, rows=rows,
+                                 causal_by_index=True)
             loss = jnp.sum(jnp.sin(out)) + (0.0 if summed is None else jnp.sum(jnp.cos(summed)))
             return loss, (out, summed)
         (_, outs), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3) if router else (0, 1, 2), has_aux=True)(

@@ -18,16 +18,16 @@ Two implementations:
   for ``"cudnn"``, XLA's choice for ``"dot_product"``). Extra channels ride along as additional
   value channels (query/key zero-padded to the same head size, the scale fixed explicitly).
 
-How those two take the mask depends on ``rows``:
-- ``"padded"`` (one sequence per row, right padding: what inference and unpacked training feed): as
-  structure, never as an (L, L) array: ``is_causal`` (by index, which is by position in such rows) and
+How those two take the mask depends on ``rows`` and ``causal_by_index``:
+- ``rows="padded"`` (one sequence per row, right padding: what inference and unpacked training feed) with
+  causality by index (or none): as structure, never as an (L, L) array: ``is_causal`` (by index, which is by position in such rows) and
   one constant query/key channel that pushes every non-key (segment 0: padding, or the textual learner's
   image slots) ``EXCLUDED_LOGIT`` below the rest, so cuDNN runs its causal flash kernel without a bias
   (no dbias in the backward, no (L, L) memory). The channel adds exactly 0 to every real key's logit.
-- ``"packed"`` (several sequences per row, or causality that is not by index): a dense (B, 1, Tq, Tk)
+- otherwise (several sequences per row, or causality that is not by index): a dense (B, 1, Tq, Tk)
   boolean mask, which JAX turns into a bias (the public API takes no segment ids).
-A call with a cache and causality (prefill, decode: queries at slots, not at key indices) takes the dense
-mask; for decode that is (B, 1, T, S) with T small: linear in the cache length.
+A call with a cache and causality (prefill, decode: queries at slots, not at key indices) is not causal by
+index and takes the dense mask; for decode that is (B, 1, T, S) with T small: linear in the cache length.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def attend(
     heads_first: bool = False,
     key_fill: jax.Array | None = None,
     rows: Rows = "packed",
+    causal_by_index: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Attention of q (B, Tq, N, D) over k, v (B, Tk, K, D), N a multiple of K; ``heads_first``: k, v
     are (B, K, Tk, D), a decode cache's layout (what the xla path reads, so it needs no transpose).
@@ -76,9 +77,10 @@ def attend(
     the shortest of :func:`prefix_lengths` that holds them is read (one branch per length, chosen at run
     time: a decode loop reads more keys as it fills the cache, never all of them from its first step).
 
-    ``rows="padded"`` promises one sequence per row with right padding (segment ids 0 or one value per
-    row) and, when causal, causality by index (keys are the queries themselves: no cache slots); the cudnn /
-    dot_product paths then take the mask as structure (see the module docstring). The callers decide.
+    Two promises of the caller, which let kernels take the mask as structure (see the module docstring):
+    ``rows="padded"``: one sequence per row with right padding (segment ids 0 or one value per row);
+    ``causal_by_index``: the keys are the queries' own tokens, in order (no cache slots, no other ordering),
+    so within a segment causality by position is causality by index. Unused when not causal.
 
     Returns ``(out (B, Tq, N, D), extra (B, Tq, C) or None)``.
     """
@@ -93,7 +95,7 @@ def attend(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if key_fill is not None:
         kw = dict(q_pos=q_pos, q_seg=q_seg, causal=causal, scale=scale, implementation=implementation,
-                  q_chunk=q_chunk, heads_first=heads_first, rows=rows)
+                  q_chunk=q_chunk, heads_first=heads_first, rows=rows, causal_by_index=causal_by_index)
         return on_filled_prefix(
             lambda k, v, k_pos, k_seg, extra_values: attend(q, k, v, k_pos=k_pos, k_seg=k_seg,
                                                             extra_values=extra_values, **kw),
@@ -106,7 +108,8 @@ def attend(
         if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
-                                  "cudnn" if implementation == "cudnn" else None, rows == "padded")
+                                  "cudnn" if implementation == "cudnn" else None,
+                                  rows == "padded" and (causal_by_index or not causal))
         out = checkpoint_name(out, ATTENTION_NAME)
         extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
     return out, extra

@@ -227,17 +227,16 @@ class WingsBlock(nnx.Module):
             q, k, v, q_pos=attn.positions, k_pos=inputs.image_mask_pos, q_seg=inputs.image_query_segments,
             k_seg=inputs.image_segments, causal=self.cfg.causal_images, implementation=self.rt.attention,
             q_chunk=self.rt.q_chunk, heads_first=heads_first,
-            rows="packed" if self.cfg.causal_images else self.rt.rows,  # causal by image start, not by index
+            rows=self.rt.rows, causal_by_index=False,  # causal_images: by image start
         )
         return constrain(self.visual.output(out), ("act_batch", "act_length", "act_embed"))
 
     def _textual(self, h, attn: AttentionInputs, inputs: LearnerInputs, projected, cache: CacheView | None):
         q = self.textual.queries(h, attn.positions, self.theta)
-        # structure needs causality by index: not with a cache (queries at slots) nor in reference mode (by rank)
-        by_index = cache is None and self.cfg.mixing == "corrected"
         kw = dict(q_pos=inputs.text_query_mask_pos, q_seg=attn.segments, causal=True,
-                  implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
-                  rows=self.rt.rows if by_index else "packed")
+                  implementation=self.rt.attention, q_chunk=self.rt.q_chunk, rows=self.rt.rows,
+                  # not with a cache (queries at slots) nor in reference mode (causal by rank)
+                  causal_by_index=cache is None and self.cfg.mixing == "corrected")
         if inputs.text_key_feats is not None:
             # Low-rank cache: this layer keeps only F A_k | F A_v per slot (B, 1, S, 2 rank); keys and values
             # are rebuilt from them and the cached embeddings over the filled slots (text keys sit at the main

@@ -73,7 +73,7 @@ class Attention(nnx.Module):
             q, k, v, q_pos=positions, k_pos=inputs.key_positions, q_seg=inputs.segments, k_seg=inputs.key_segments,
             causal=True, extra_values=extra_values, implementation=self.rt.attention, q_chunk=self.rt.q_chunk,
             heads_first=cache is not None, key_fill=inputs.key_fill,
-            rows=self.rt.rows if cache is None else "packed",  # queries at cache slots: causal not by index
+            rows=self.rt.rows, causal_by_index=cache is None,  # with a cache, queries sit at slots
         )
         return self.o(out), extra
 
