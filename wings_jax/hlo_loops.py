@@ -3,6 +3,8 @@ per-instruction cycle estimates are re-weighted by the trip counts read from the
 from __future__ import annotations
 
 import re
+from collections import Counter
+from typing import Callable
 
 _HEADER = re.compile(r"(ENTRY )?%(\S+) ")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
@@ -81,38 +83,46 @@ def _trip_count(parent: list[str], init: str, cond: list[str], body: list[str]) 
     return max(0, -(-(n - start) // step))
 
 
-def loop_scale(hlo: str) -> float | None:
-    """(estimated cycles of one step, loops run their trip counts) / (the same, each loop body once).
-
-    Cycles are the TPU compiler's per-instruction ``estimated_cycles``; fused computations are
-    costed by their fusion instruction; a conditional counts its costliest branch. None when a
-    loop's trip count cannot be read or the module carries no cycle estimates (not a TPU module).
-    """
+def _cycles(hlo: str, once: bool, category: Callable[[str], str]) -> tuple[Counter, bool]:
+    """Estimated cycles of the entry computation per ``category(instruction line)``, and whether every
+    loop's trip count was read. Fused computations are costed by their fusion instruction; a conditional
+    counts its costliest branch; ``once``: each loop body counted once (as XLA's cost analysis does)."""
     comps, entry = _computations(hlo)
 
-    def cost(name: str, once: bool) -> tuple[int, bool]:
-        total, known = 0, True
+    def cost(name: str) -> tuple[Counter, bool]:
+        total, known = Counter(), True
         lines = comps.get(name, [])
         for line in lines:
             cycles = _CYCLES.search(line)
-            total += int(cycles.group(1)) if cycles else 0
+            if cycles:
+                total[category(line)] += int(cycles.group(1))
             loop = _WHILE.search(line)
             if loop:
                 init, cond, body = loop.group(1).lstrip("%"), loop.group(2), loop.group(3)
-                inner, inner_known = cost(body, once)
+                inner, inner_known = cost(body)
                 trips = 1 if once else _trip_count(lines, init, comps.get(cond, []), comps.get(body, []))
                 known &= inner_known and trips is not None
-                total += inner * (trips or 1)
+                total.update({k: v * (trips or 1) for k, v in inner.items()})
             for called in _CALLED.findall(line):
-                inner, inner_known = cost(called, once)
-                total, known = total + inner, known and inner_known
+                inner, inner_known = cost(called)
+                total.update(inner)
+                known &= inner_known
             branches = _BRANCHES.search(line)
             if branches:
-                costs = [cost(b.strip().lstrip("%"), once) for b in branches.group(1).split(",")]
-                total += max(c for c, _ in costs)
+                costs = [cost(b.strip().lstrip("%")) for b in branches.group(1).split(",")]
+                total.update(max((c for c, _ in costs), key=lambda c: sum(c.values())))
                 known &= all(k for _, k in costs)
         return total, known
 
-    once, _ = cost(entry, once=True)
-    looped, known = cost(entry, once=False)
-    return looped / once if known and once else None
+    return cost(entry)
+
+
+def loop_scale(hlo: str) -> float | None:
+    """(estimated cycles of one step, loops run their trip counts) / (the same, each loop body once).
+
+    Cycles are the TPU compiler's per-instruction ``estimated_cycles``. None when a loop's trip count
+    cannot be read or the module carries no cycle estimates (not a TPU module).
+    """
+    once, _ = _cycles(hlo, True, lambda line: "")
+    looped, known = _cycles(hlo, False, lambda line: "")
+    return looped[""] / once[""] if known and once[""] else None
