@@ -1,4 +1,6 @@
 """attend(): masks from compact descriptors, the fused router channels, and linear memory."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,34 @@ def test_gradients_equal_the_explicit_computation(q_chunk):
     want = loss(lambda *a: _explicit(*a, pos, pos, seg, seg, True))
     for got, expected in zip(ours, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_bfloat16_backward_matmuls_take_bfloat16_operands_and_stay_close():
+    """In a bf16 model the xla path's backward feeds its matmuls bf16 (accumulating in float32, as flash
+    kernels do): every dot in the backward has bf16 operands, and the gradients stay within bf16 error of
+    the float32 computation."""
+    q, k, v, extra = _inputs(tq=64, tk=64, d=16)
+    pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
+    seg = jnp.array([[1] * 40 + [2] * 20 + [0] * 4, [1] * 64])
+
+    def grads(q, k, v):
+        def value(q, k, v):
+            out, router = attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True,
+                                 extra_values=extra, q_chunk=16)
+            return jnp.sum(jnp.sin(out.astype(jnp.float32))) + jnp.sum(router)
+        return jax.grad(value, argnums=(0, 1, 2))(q, k, v)
+
+    low = tuple(a.astype(jnp.bfloat16) for a in (q, k, v))
+    hlo = jax.jit(grads).lower(*low).as_text()
+    operands = [re.search(r": \((tensor<[^>]*>), (tensor<[^>]*>)\) ->", line).groups()
+                for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    # the router's channels (C=2, float32 W_r rows) are small matmuls kept in float32; every other is bf16
+    big = [pair for pair in operands if not any(t.endswith("x2xf32>") for t in pair)]
+    assert len(big) >= 5 and all(t.endswith("bf16>") for pair in big for t in pair), big
+    got, want = grads(*low), grads(q, k, v)
+    for g, w in zip(got, want):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.03 * scale)
 
 
 def test_attention_remat_policy_runs_no_second_flash_forward():

@@ -226,23 +226,28 @@ def _flash_backward(causal, scale, size, residuals, cotangents):
     q, k, v, ev, q_pos, k_pos, q_seg, k_seg, out, extra, lse = residuals
     d_out, d_extra = cotangents
 
+    # The four big matmuls take their operands in the compute dtype and accumulate in float32, as flash
+    # kernels do (float32 operands would run several MXU passes in a bf16 model); softmax statistics stay float32.
+    mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
     def one(acc, args):
         dk, dv, dev = acc
         qc, pc, sc, oc, ec, lc, doc, dec = args
         logits, seen = _probabilities(qc, k, pc, k_pos, sc, k_seg, causal, scale)
         probs = jnp.exp(logits - lc[..., None])
-        doc = jnp.where(seen[:, None, None, :, None], doc, 0).astype(jnp.float32)
+        doc = jnp.where(seen[:, None, None, :, None], doc, 0).astype(v.dtype)
         dec = jnp.where(seen[..., None], dec, 0).astype(jnp.float32)
-        dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", probs, doc)
+        dv = dv + mm("bkgqs,bkgqd->bksd", probs.astype(v.dtype), doc)
         dev = dev + jnp.einsum("bqs,bqc->bsc", jnp.sum(probs, axis=(1, 2)), dec)
-        d_probs = jnp.einsum("bkgqd,bksd->bkgqs", doc, v.astype(jnp.float32))
+        d_probs = mm("bkgqd,bksd->bkgqs", doc, v)
         d_probs += jnp.einsum("bqc,bsc->bqs", dec, ev)[:, None, None]
         # rowsum(P * dP): the value outputs' part from O, the extra channels' part per head from P ev
         per_head_extra = jnp.einsum("bkgqs,bsc->bkgqc", probs, ev)
-        delta = jnp.sum(doc * oc.astype(jnp.float32), -1) + jnp.einsum("bkgqc,bqc->bkgq", per_head_extra, dec)
-        d_logits = probs * (d_probs - delta[..., None]) * scale
-        dq = jnp.einsum("bkgqs,bksd->bkgqd", d_logits, k.astype(jnp.float32))
-        dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", d_logits, qc.astype(jnp.float32))
+        delta = jnp.sum(doc.astype(jnp.float32) * oc.astype(jnp.float32), -1) \
+            + jnp.einsum("bkgqc,bqc->bkgq", per_head_extra, dec)
+        d_logits = (probs * (d_probs - delta[..., None]) * scale).astype(q.dtype)
+        dq = mm("bkgqs,bksd->bkgqd", d_logits, k)
+        dk = dk + mm("bkgqs,bkgqd->bksd", d_logits, qc)
         return (dk, dv, dev), dq.astype(q.dtype)
 
     zeros = tuple(jnp.zeros(a.shape, jnp.float32) for a in (k, v, ev))
