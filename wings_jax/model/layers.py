@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from wings_jax.model.attention import ATTENTION_NAME
+from wings_jax.sharding import gathered
 
 Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -45,12 +46,13 @@ class Linear(nnx.Module):
         in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         self.num_in = len(in_shape)
-        self.dtype = dtype
+        self.dtype, self.axes = dtype, tuple(axes)
         self.kernel = make_param(rngs, kernel_init, in_shape + out_shape, axes, param_dtype)
         self.bias = make_param(rngs, zeros_init, out_shape, axes[self.num_in:], param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.num_in)
+        kernel = gathered(self.kernel[...].astype(self.dtype), self.axes)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.num_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

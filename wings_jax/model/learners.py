@@ -23,7 +23,7 @@ from wings_jax.model.cache import AttentionInputs, CacheView
 from wings_jax.model.layers import RESIDUAL_NAME, make_param, rotary_embedding, zeros_init
 from wings_jax.model.qwen import DecoderLayer, QwenConfig
 from wings_jax.model.runtime import Runtime
-from wings_jax.sharding import constrain
+from wings_jax.sharding import constrain, gathered
 
 STAGES = ("pretrain", "finetune")
 MIXINGS = ("corrected", "reference")
@@ -106,10 +106,14 @@ class LoRRALearner(nnx.Module):
             setattr(self, f"{name}_a", make_param(rngs, a_init, (hidden, rank), ("embed", "lora_rank"), rt.param_dtype))
             setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.param_dtype))
 
+    def _weight(self, name: str) -> jax.Array:
+        """Parameter ``name`` (e.g. "q_a") in the compute dtype, as its matmul reads it (sharding.gathered)."""
+        w = getattr(self, name)[...]
+        axes = ("embed", "lora_rank") if name.endswith("_a") else ("lora_rank", "embed")
+        return gathered(w.astype(self.dtype), ("layers",) * (w.ndim - 2) + axes)  # a stacked learner: (layers, ...)
+
     def _low_rank(self, name: str, x: jax.Array) -> jax.Array:
-        a = getattr(self, f"{name}_a")[...].astype(self.dtype)
-        b = getattr(self, f"{name}_b")[...].astype(self.dtype)
-        return (x @ a) @ b
+        return (x @ self._weight(f"{name}_a")) @ self._weight(f"{name}_b")
 
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
@@ -122,7 +126,7 @@ class LoRRALearner(nnx.Module):
         """``feats (B, M, H) @ [A_k | A_v]`` for every layer at once, (layers, B, M, 2 rank), on the stacked
         learner (parameters (layers, ...)): the features are the same for every layer, so this is one GEMM
         outside the layer scan instead of two small ones per layer."""
-        a = jnp.concatenate([self.k_a[...], self.v_a[...]], axis=-1).astype(self.dtype)
+        a = jnp.concatenate([self._weight("k_a"), self._weight("v_a")], axis=-1)
         return jnp.einsum("bmh,...hr->...bmr", feats.astype(self.dtype), a)  # "...": a stacked learner's layers
 
     def keys_values(self, feats: jax.Array, projected: jax.Array, positions: jax.Array, theta: float
@@ -130,8 +134,8 @@ class LoRRALearner(nnx.Module):
         """Keys and values of features (B, M, H) given this layer's :meth:`project_features` (B, M, 2 rank)."""
         f = feats.astype(self.dtype)
         low_k, low_v = jnp.split(projected.astype(self.dtype), 2, axis=-1)
-        k = rotary_embedding(self._heads(f + low_k @ self.k_b[...].astype(self.dtype)), positions, theta)
-        return k, self._heads(f + low_v @ self.v_b[...].astype(self.dtype))
+        k = rotary_embedding(self._heads(f + low_k @ self._weight("k_b")), positions, theta)
+        return k, self._heads(f + low_v @ self._weight("v_b"))
 
     def output(self, attended: jax.Array) -> jax.Array:
         flat = attended.reshape(*attended.shape[:-2], -1)
