@@ -268,3 +268,77 @@ def test_packed_rows_keep_the_dense_mask(monkeypatch):
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     attend(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, implementation="dot_product")
     assert calls[0]["mask"] is not None and not calls[0]["is_causal"]
+
+
+def _splash_case(case):
+    """(q, k, v, extra, descriptors, causal): 'causal': packed rows, non-keys inside a row, padded queries,
+    GQA and the router channels, lengths not a multiple of the kernel's 128-wide tiles; 'cross': the visual
+    learner's shape (queries over fewer keys, no causality), one row without keys."""
+    if case == "causal":
+        q, k, v, extra = _inputs(tq=200, tk=200, n=4, kv=2, d=32)
+        pos = jnp.broadcast_to(jnp.arange(200), (2, 200))
+        q_seg = jnp.array([[1] * 120 + [2] * 70 + [0] * 10, [1] * 200])
+        return q, k, v, extra, dict(q_pos=pos, k_pos=pos, q_seg=q_seg, k_seg=q_seg.at[1, 5:9].set(0)), True
+    q, k, v, extra = _inputs(tq=130, tk=50, n=4, kv=4, d=32, seed=1)
+    q_seg = jnp.array([[1] * 100 + [0] * 30, [1] * 130])
+    k_seg = jnp.array([[1] * 50, [0] * 50])  # the second row has no image: its queries see nothing
+    return q, k, v, extra, dict(q_pos=jnp.zeros((2, 130), jnp.int32), k_pos=jnp.zeros((2, 50), jnp.int32),
+                                q_seg=q_seg, k_seg=k_seg), False
+
+
+def _loss_and_grads(implementation, q, k, v, extra, masks, causal, **kw):
+    def f(q, k, v, extra):
+        out, summed = attend(q, k, v, causal=causal, extra_values=extra, implementation=implementation,
+                             causal_by_index=True, **masks, **kw)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(summed)), (out, summed)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, extra)
+
+
+@pytest.mark.parametrize("case", ["causal", "cross"])
+def test_splash_equals_the_xla_path(case):
+    """The splash kernel (interpreted on CPU): outputs, router sums and every gradient equal the xla path's;
+    a query without keys gets exactly 0 and finite gradients."""
+    q, k, v, extra, masks, causal = _splash_case(case)
+    got = _loss_and_grads("splash", q, k, v, extra, masks, causal)
+    want = _loss_and_grads("xla", q, k, v, extra, masks, causal)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-6)
+    if case == "cross":
+        (_, (out, summed)), _ = got
+        assert not np.any(np.asarray(out)[1]) and not np.any(np.asarray(summed)[1])
+
+
+def test_splash_runs_the_kernel_only_where_it_can_express_the_mask():
+    """Causality not by index (a cache's slots, reference mode) or a cache's heads-first keys: the xla path."""
+    q, k, v, extra, masks, _ = _splash_case("causal")
+
+    def kernels(**kw):
+        jaxpr = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, causal=True, implementation="splash", **masks,
+                                                      **kw))(q, k, v)
+        return str(jaxpr).count("pallas_call")
+
+    assert kernels(causal_by_index=True) == 1
+    assert kernels(causal_by_index=False) == 0
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    out, _ = attend(q, kh, vh, causal=True, implementation="splash", heads_first=True, causal_by_index=True, **masks)
+    want, _ = attend(q, k, v, causal=True, **masks)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+    """Under activation_sharding the kernel runs once per shard (batch over data x fsdp, key/value heads over
+    tensor) and gives the unsharded result."""
+    from wings_jax import sharding
+
+    q, k, v, extra, masks, causal = _splash_case("causal")
+    q, k, v, extra = (jnp.concatenate([a, a[::-1]]) for a in (q, k, v, extra))
+    masks = {name: jnp.concatenate([a, a[::-1]]) for name, a in masks.items()}
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    with sharding.activation_sharding(mesh):
+        step = jax.jit(lambda *a: _loss_and_grads("splash", *a, masks, causal))
+        got = step(q, k, v, extra)
+        assert "shard_map" in str(jax.make_jaxpr(step)(q, k, v, extra))
+    want = _loss_and_grads("xla", q, k, v, extra, masks, causal)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-6)

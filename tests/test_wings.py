@@ -121,10 +121,8 @@ def test_sample_without_image_gets_no_visual_contribution():
         assert np.isfinite(np.asarray(value)).all(), path
 
 
-def test_packed_segments_equal_separate_rows(model):
-    """Two conversations packed in one row give the logits they give in rows of their own."""
-    a, b = ROWS["one_image"], ROWS["text"]
-    separate = np.asarray(model(_batch([a, b], max_len=24)))
+def _packed(a, b):
+    """Conversations ``a`` and ``b`` packed in one row (segments 1 and 2), and where ``b`` starts and ends."""
     la, lb = len(a) - 1 + T, len(b)
     packed = make_batch([a], T, SIZE, 32, seed=0)
     second = make_batch([b], T, SIZE, 24, seed=0)
@@ -132,7 +130,15 @@ def test_packed_segments_equal_separate_rows(model):
     packed["positions"][0, la:la + lb] = np.arange(lb)
     packed["segment_ids"][0, la:la + lb] = 2
     packed["text_mask"][0, la:la + lb] = second["text_mask"][0, :lb]
-    out = np.asarray(model(jnp_batch(packed)))
+    return jnp_batch(packed), la, lb
+
+
+def test_packed_segments_equal_separate_rows(model):
+    """Two conversations packed in one row give the logits they give in rows of their own."""
+    a, b = ROWS["one_image"], ROWS["text"]
+    separate = np.asarray(model(_batch([a, b], max_len=24)))
+    packed, la, lb = _packed(a, b)
+    out = np.asarray(model(packed))
     np.testing.assert_allclose(out[0, :la], separate[0, :la], atol=1e-5)
     np.testing.assert_allclose(out[0, la:la + lb], separate[1, :lb], atol=1e-5)
 
@@ -277,6 +283,27 @@ def test_padded_rows_on_the_jax_nn_path_equal_the_xla_path(monkeypatch, stage, c
     masked = [kw for kw in calls if kw.get("mask") is not None]
     assert calls and len(masked) == (2 if causal_images else 0)  # forward of the value, and of the logits
     want_value, want_logits, want_grads = run(Runtime())
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("rows", ["padded", "packed"])
+def test_splash_attention_equals_the_xla_path(rows):
+    """attention='splash' (the TPU kernel, interpreted on CPU) in the main attention, both learners and the
+    tower: logits, loss and gradients equal the xla path's, packed rows included."""
+    batch = _batch([ROWS["two_images"], ROWS["text"]]) if rows == "padded" else \
+        _packed(ROWS["one_image"], ROWS["text"])[0]
+
+    def run(runtime):
+        model = tiny_model("finetune", runtime=runtime)
+        loss = lambda m: jnp.sum(jnp.sin(m(batch)) * (batch["segment_ids"][..., None] != 0))  # noqa: E731
+        value, grads = nnx.value_and_grad(loss)(model)
+        return value, model(batch), nnx.state(grads, nnx.Param)
+
+    value, logits, grads = run(Runtime(attention="splash", rows=rows))
+    want_value, want_logits, want_grads = run(Runtime(rows=rows))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -193,6 +193,32 @@ def gathered(w: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         kept = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a not in batch_axes)
         spec.append(kept[0] if len(kept) == 1 else (kept or None))
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def platform() -> str:
+    """The platform the traced program is for: the active mesh's devices (a TPU slice compiled from a CPU
+    machine says "tpu"), else JAX's default backend."""
+    active = _ACTIVE.get()
+    return active[0].devices.flat[0].platform if active else jax.default_backend()
+
+
+def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], leading_axes: Sequence[Sequence[str]]
+              ) -> jax.Array:
+    """``fn(*args)`` run on each device's shard (``shard_map``) under :func:`activation_sharding`, else once.
+
+    For a kernel XLA cannot partition (a Pallas call). ``leading_axes[i]``: the logical names of ``args[i]``'s
+    leading dimensions (the rest are not split; a dimension its mesh axes do not divide is not split either);
+    the result is split like ``args[0]``.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    specs = []
+    for x, axes in zip(args, leading_axes):
+        spec = spec_for(tuple(axes) + (None,) * (x.ndim - len(axes)), rules)
+        specs.append(PartitionSpec(*(e if d % mesh_axis_size(mesh, e) == 0 else None for d, e in zip(x.shape, spec))))
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*args)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:

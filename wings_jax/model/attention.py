@@ -28,6 +28,12 @@ How those two take the mask depends on ``rows`` and ``causal_by_index``:
   boolean mask, which JAX turns into a bias (the public API takes no segment ids).
 A call with a cache and causality (prefill, decode: queries at slots, not at key indices) is not causal by
 index and takes the dense mask; for decode that is (B, 1, T, S) with T small: linear in the cache length.
+
+- ``"splash"``: the TPU splash-attention Pallas kernel (``jax.experimental.pallas.ops.tpu.splash_attention``;
+  interpreted off TPU, for tests). Masks as structure in every row layout: segment ids for packed rows and
+  non-keys, a static causal or full block mask, so causal blocks above the diagonal are skipped. Extra
+  channels ride as extra value columns (the kernel takes a value head size unlike q/k's). Calls it cannot
+  express (a cache: queries at slots; causality not by index) run the ``"xla"`` path.
 """
 from __future__ import annotations
 
@@ -39,8 +45,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-Implementation = Literal["xla", "cudnn", "dot_product"]
-IMPLEMENTATIONS = ("xla", "cudnn", "dot_product")
+from wings_jax import sharding
+
+Implementation = Literal["xla", "cudnn", "dot_product", "splash"]
+IMPLEMENTATIONS = ("xla", "cudnn", "dot_product", "splash")
 Rows = Literal["packed", "padded"]
 ROWS = ("packed", "padded")
 ATTENTION_NAME = "attention"  # checkpoint name of attention outputs (and the xla path's log-sum-exp)
@@ -100,7 +108,11 @@ def attend(
             lambda k, v, k_pos, k_seg, extra_values: attend(q, k, v, k_pos=k_pos, k_seg=k_seg,
                                                             extra_values=extra_values, **kw),
             key_fill, (k, v, k_pos, k_seg, extra_values), (key_axis, key_axis, 1, 1, 1))
-    if implementation == "xla":
+    if implementation == "splash" and not heads_first and (causal_by_index or not causal):
+        out, extra = _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
+        out = checkpoint_name(out, ATTENTION_NAME)
+        extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
+    elif implementation in ("xla", "splash"):
         if not heads_first:
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
@@ -319,4 +331,50 @@ def _dot_product_padded(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extr
                                        is_causal=structured and causal, implementation=implementation)
     out = jnp.where(seen[:, :, None, None], out, 0.0)
     extra = None if not channels else jnp.sum(out[..., d:d + channels].astype(jnp.float32), axis=2)
+    return out[..., :d], extra
+
+
+_SPLASH_BLOCKS = (512, 256, 128)  # the kernel's tiles: multiples of 128 lanes; the largest that divides a length
+
+
+def _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values):
+    """q (B, Tq, N, D) over k, v (B, Tk, K, D) with the splash kernel, one call per shard of the mesh."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, tq, n, d = q.shape
+    tk, kv = k.shape[1], k.shape[2]
+    # The masked-row rule (a query that sees no key gets 0) from the descriptors: one fused reduction.
+    seen = jnp.any(_mask(q_pos, k_pos, q_seg, k_seg, causal), axis=-1)
+    channels = 0 if extra_values is None else extra_values.shape[-1]
+    if channels:
+        v = jnp.concatenate([v, jnp.broadcast_to(extra_values.astype(v.dtype)[:, :, None, :], (b, tk, kv, channels))],
+                            axis=-1)
+    # The kernel's segment rule is q_id == kv_id; ours also needs a key (segment != 0): queries of segment 0
+    # (padding) get -1, so they match nothing either. Lengths are padded to the kernel's tiles.
+    tq_p, tk_p = -(-tq // 128) * 128, -(-tk // 128) * 128
+    q_ids = jnp.pad(jnp.where(q_seg == 0, -1, q_seg), ((0, 0), (0, tq_p - tq)), constant_values=-1)
+    k_ids = jnp.pad(k_seg, ((0, 0), (0, tk_p - tk)))
+    g = n // kv
+    # (B, K, G, T, D): one kernel call per batch row and key/value head, over its G query heads
+    qh = jnp.moveaxis(_pad_length((q * scale).astype(q.dtype), 128).reshape(b, tq_p, kv, g, d), 1, 3)
+    kh, vh = (jnp.moveaxis(_pad_length(a, 128), 1, 2) for a in (k, v))
+    bq = next(s for s in _SPLASH_BLOCKS if tq_p % s == 0)
+    bkv = next(s for s in _SPLASH_BLOCKS if tk_p % s == 0)
+    mask = splash.CausalMask((tq_p, tk_p)) if causal else splash.FullMask((tq_p, tk_p))
+
+    def per_shard(qh, kh, vh, q_ids, k_ids):
+        kernel = splash.make_splash_mqa(
+            splash.MultiHeadMask([mask] * g), head_shards=1, q_seq_shards=1,
+            block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True),
+            residual_checkpoint_name=ATTENTION_NAME, interpret=sharding.platform() != "tpu")
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over the K key/value heads
+        return jax.vmap(lambda q, k, v, qi, ki: per_head(q, k, v, splash.SegmentIds(qi, ki)))(
+            qh, kh, vh, q_ids, k_ids)
+
+    out = sharding.per_shard(per_shard, (qh, kh, vh, q_ids, k_ids),
+                             (("act_batch", "act_kv_heads"),) * 3 + (("act_batch",),) * 2)
+    out = jnp.moveaxis(out, 3, 1).reshape(b, tq_p, n, d + channels)[:, :tq]
+    out = jnp.where(seen[:, :, None, None], out, 0)
+    extra = jnp.sum(out[..., d:].astype(jnp.float32), axis=2) if channels else None
     return out[..., :d], extra
