@@ -71,6 +71,11 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 }
 """
     assert hlo_loops.loop_scale(hlo) == pytest.approx(410 / 110)
+    # a custom call whose attribute spans lines (Pallas kernels' metadata) does not end the loop body early
+    kernel = ('  %k = f32[8] custom-call(%x), custom_call_target="tpu_custom_call", frontend_attributes={m={\n'
+              '"xprof_metadata":"{}"\n}}, metadata={op_name="kernel"}\n')
+    assert hlo_loops.loop_scale(hlo.replace("  %f = f32[8] fusion", kernel + "  %f = f32[8] fusion")) \
+        == pytest.approx(410 / 110)
     assert hlo_loops.loop_scale(hlo.replace("direction=LT", "direction=NE")) is None  # unknown loop shape
 
 
@@ -91,6 +96,21 @@ def test_compile_only_for_a_tpu_slice():
     for key in ("arguments", "outputs", "temporaries", "generated code", "total", "chip memory"):
         assert figures[key] > 0, (key, text)
     assert "fits" in text and "DOES NOT FIT" not in text and "estimated MFU" in text
+    # where the estimate goes: shares of the loop-scaled cycles by the source line that wrote each op
+    shares = dict(report["cycle_breakdown"])
+    assert 0.3 < sum(shares.values()) <= 1 + 1e-9 and report["uncosted_kernels"] == 0
+    assert any(where.startswith("attention.py:") for where in shares), shares
+    assert any(where.startswith("layers.py:Linear.__call__") for where in shares), shares
+    assert "where the estimate goes" in text and "at most" not in text
+
+
+@needs_libtpu
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_compile_only_with_splash_kernels_says_the_estimate_leaves_them_out():
+    """The Mosaic kernels compile for the slice; the cost model gives them no time, and the report says so."""
+    report = aot.compile_only(load_config(DEMO, ["runtime.attention=splash"]), topology="v5p-8")
+    assert report["fits"] and report["uncosted_kernels"] > 0
+    assert "Pallas kernel" in report["step_time_note"] and "estimated MFU            at most" in aot.format_report(report)
 
 
 @needs_libtpu

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from wings_jax import sharding
 from wings_jax.flops import PEAK_FLOPS, mfu, peak_flops_per_device
-from wings_jax.hlo_loops import loop_scale
+from wings_jax.hlo_loops import cycle_breakdown, kernel_calls, loop_scale
 from wings_jax.params import LLM, PROJECTOR, VISION, VISUAL_LEARNER, flatten_dict
 from wings_jax.training.plan import plan
 
@@ -196,7 +196,9 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
         + memory["generated_code"]
     cost = compiled.cost_analysis() or {}
     optimal = cost.get("optimal_seconds")
-    scale = loop_scale(compiled.as_text()) if optimal and optimal > 0 else None
+    hlo = compiled.as_text()
+    scale = loop_scale(hlo) if optimal and optimal > 0 else None
+    kernels = kernel_calls(hlo)
     if optimal is None:
         note = f"the {devices[0].platform.upper()} compiler gives no step-time estimate"
     elif optimal <= 0:
@@ -205,11 +207,15 @@ def compile_only(cfg: ml_collections.ConfigDict, topology: str | None = None) ->
         note = "XLA's optimal_seconds counts each loop body once and the loops' trip counts could not be read"
     else:
         note = f"XLA's optimal_seconds x {scale:.2f} for loop trip counts"
+        if kernels:
+            note += (f"; without the time of {kernels} Pallas kernel call sites (attention='splash'), which the cost "
+                     "model does not cost: a lower bound on the step, an upper bound on MFU")
     step_seconds = optimal * scale if optimal and scale else None
     report.update(
         memory=memory, total_bytes=total, fits=hbm is None or total <= hbm,
         compiler_flops=cost.get("flops"), optimal_seconds=optimal, estimated_step_seconds=step_seconds,
-        step_time_note=note,
+        step_time_note=note, uncosted_kernels=kernels,
+        cycle_breakdown=cycle_breakdown(hlo) if step_seconds else None,
         mfu=mfu(p.flops_per_step, step_seconds, peak, len(devices)),
     )
     return report
@@ -279,7 +285,11 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         lines.append(f"  estimated step time      unavailable ({r['step_time_note']})")
     if r["mfu"] is not None:
-        lines.append(f"  estimated MFU            {100 * r['mfu']:.1f}% of {r['peak_flops']:.4g} FLOP/s x {chips} chips")
+        bound = "at most " if r.get("uncosted_kernels") else ""
+        lines.append(f"  estimated MFU            {bound}{100 * r['mfu']:.1f}% of {r['peak_flops']:.4g} FLOP/s x {chips} chips")
+    if r.get("cycle_breakdown"):
+        lines.append("  where the estimate goes (share of estimated cycles, by the source line of each op):")
+        lines += [f"    {100 * share:5.1f}%  {where}" for where, share in r["cycle_breakdown"]]
     lines.append("parameter layouts:")
     for param in r["parameters"]:
         lines.append(f"  {param['path']:<32} {str(param['shape']):<22} {param['spec']:<34} "

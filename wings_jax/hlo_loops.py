@@ -26,7 +26,7 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
                 current = header.group(2)
                 comps[current] = []
                 entry = current if header.group(1) else entry
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # not "}}, metadata=...": a multi-line attribute (a Pallas kernel's) goes on
             current = None
         elif current is not None:
             comps[current].append(line)
@@ -126,3 +126,56 @@ def loop_scale(hlo: str) -> float | None:
     once, _ = _cycles(hlo, True, lambda line: "")
     looped, known = _cycles(hlo, False, lambda line: "")
     return looped[""] / once[""] if known and once[""] else None
+
+
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_FIELDS = re.compile(r"(\w+)=(\d+)")
+PALLAS_KERNEL = 'custom_call_target="tpu_custom_call"'
+
+
+def _table(lines: list[str], name: str) -> dict[int, str]:
+    """One of the numbered tables (FileNames, FunctionNames, FileLocations, StackFrames) heading the module."""
+    try:
+        i = lines.index(name) + 1
+    except ValueError:
+        return {}
+    rows = {}
+    while i < len(lines) and lines[i][:1].isdigit():
+        key, value = lines[i].split(" ", 1)
+        rows[int(key)] = value.strip().strip('"')
+        i += 1
+    return rows
+
+
+def _sources(hlo: str) -> dict[int, str]:
+    """stack_frame_id -> "file.py:function:line" of the innermost frame (where the op was written)."""
+    lines = hlo.splitlines()[:100_000]
+    files, functions = _table(lines, "FileNames"), _table(lines, "FunctionNames")
+    locations = {}
+    for key, value in _table(lines, "FileLocations").items():
+        f = dict(_FIELDS.findall(value))
+        locations[key] = (f"{files.get(int(f['file_name_id']), '?').rsplit('/', 1)[-1]}:"
+                          f"{functions.get(int(f['function_name_id']), '?')}:{f['line']}")
+    return {key: locations.get(int(dict(_FIELDS.findall(value))["file_location_id"]), "?")
+            for key, value in _table(lines, "StackFrames").items()}
+
+
+def cycle_breakdown(hlo: str, top: int = 8) -> list[tuple[str, float]] | None:
+    """The largest shares of a step's estimated cycles (loops at their trip counts) by the source line that
+    wrote each op, as ("file.py:function:line", fraction), largest first; None as for :func:`loop_scale`."""
+    sources = _sources(hlo)
+
+    def where(line: str) -> str:
+        frame = _FRAME.search(line)
+        return sources.get(int(frame.group(1)), "?") if frame else "(no source line)"
+
+    cycles, known = _cycles(hlo, False, where)
+    total = sum(cycles.values())
+    if not known or not total:
+        return None
+    return [(name, value / total) for name, value in cycles.most_common(top)]
+
+
+def kernel_calls(hlo: str) -> int:
+    """Pallas (Mosaic) kernel calls in a compiled TPU program: XLA's cost model gives them no time."""
+    return hlo.count(PALLAS_KERNEL)
