@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wings_jax import sharding
+from wings_jax.model.attention import IMPLEMENTATIONS
 from wings_jax.model.inputs import IMAGE_TOKEN_ID
 from wings_jax.flops import mfu, peak_flops_per_device
 from wings_jax.model.layers import REMAT_POLICIES
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     parser.add_argument("--remat", choices=sorted(REMAT_POLICIES),
                         help="remat policy (default: the preset's, else attention)")
-    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn", "dot_product"))
+    parser.add_argument("--attention", default="xla", choices=IMPLEMENTATIONS)  # "splash": TPU only (interpreted elsewhere)
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--loss-positions", type=int, default=0,
                         help="train.loss_positions: project only this many labelled positions per row (0: all)")
