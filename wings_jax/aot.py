@@ -286,7 +286,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  estimated step time      unavailable ({r['step_time_note']})")
     if r["mfu"] is not None:
         bound = "at most " if r.get("uncosted_kernels") else ""
-        lines.append(f"  estimated MFU            {bound}{100 * r['mfu']:.1f}% of {r['peak_flops']:.4g} FLOP/s x {chips} chips")
+        lines.append(f"  estimated MFU            {bound}{100 * r['mfu']:.1f}% of {r['peak_flops']:.4g} FLOP/s "
+                     f"x {chips} chips")
     if r.get("cycle_breakdown"):
         lines.append("  where the estimate goes (share of estimated cycles, by the source line of each op):")
         lines += [f"    {100 * share:5.1f}%  {where}" for where, share in r["cycle_breakdown"]]

@@ -9,7 +9,7 @@ their attention-weighted sum *summed over heads* as a second output. The Wings r
 that: ``sum_heads(P) @ W_r`` with ``W_r`` rows as the extra values, so the (batch, heads, L, L)
 probability tensor never exists outside one query chunk.
 
-Two implementations:
+Implementations:
 - ``"xla"``: plain JAX, queries processed in equal chunks of at most ``q_chunk`` (any length; the
   last chunk padded) with a flash-style custom backward (outputs and log-sum-exp saved, one chunk's
   probabilities recomputed at a time), so memory grows linearly with length, forward and backward.
@@ -20,7 +20,8 @@ Two implementations:
 
 How those two take the mask depends on ``rows`` and ``causal_by_index``:
 - ``rows="padded"`` (one sequence per row, right padding: what inference and unpacked training feed) with
-  causality by index (or none): as structure, never as an (L, L) array: ``is_causal`` (by index, which is by position in such rows) and
+  causality by index (or none): as structure, never as an (L, L) array: ``is_causal`` (by index, which is
+  by position in such rows) and
   one constant query/key channel that pushes every non-key (segment 0: padding, or the textual learner's
   image slots) ``EXCLUDED_LOGIT`` below the rest, so cuDNN runs its causal flash kernel without a bias
   (no dbias in the backward, no (L, L) memory). The channel adds exactly 0 to every real key's logit.
