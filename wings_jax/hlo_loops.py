@@ -149,7 +149,7 @@ def _table(lines: list[str], name: str) -> dict[int, str]:
 
 def _sources(hlo: str) -> dict[int, str]:
     """stack_frame_id -> "file.py:function:line" of the innermost frame (where the op was written)."""
-    lines = hlo.splitlines()[:100_000]
+    lines = hlo.splitlines()
     files, functions = _table(lines, "FileNames"), _table(lines, "FunctionNames")
     locations = {}
     for key, value in _table(lines, "FileLocations").items():

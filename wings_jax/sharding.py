@@ -100,18 +100,30 @@ def spec_for(axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> Partit
         target = table.get(name) if name is not None else None
         if name is not None and name not in table:
             raise ShardingError(f"logical axis {name!r} has no sharding rule; add it to wings_jax.sharding rules")
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        mesh_axes = tuple(a for a in _mesh_axes(target) if a not in used)
         used.update(mesh_axes)
-        out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+        out.append(_entry(mesh_axes))
     return PartitionSpec(*out)
 
 
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes of a rule target or PartitionSpec entry."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _entry(mesh_axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+    """The PartitionSpec entry of some mesh axes (the inverse of :func:`_mesh_axes`)."""
+    return mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None)
+
+
 def mesh_axis_size(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
-    if entry is None:
-        return 1
-    names = (entry,) if isinstance(entry, str) else entry
-    return math.prod(mesh.shape[n] for n in names)
+    return math.prod(mesh.shape[n] for n in _mesh_axes(entry))
+
+
+def _fitted_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> PartitionSpec:
+    """``spec_for(axes)``, a dimension its mesh axes do not divide (a batch of 1 in generation, say) not split."""
+    return PartitionSpec(*(e if d % mesh_axis_size(mesh, e) == 0 else None
+                           for d, e in zip(shape, spec_for(axes, rules))))
 
 
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
@@ -167,10 +179,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    spec = spec_for(axes, rules)
-    # A dimension that does not divide (a batch of 1 in generation, say) stays replicated.
-    spec = PartitionSpec(*(e if d % mesh_axis_size(mesh, e) == 0 else None for d, e in zip(x.shape, spec)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fitted_spec(x.shape, axes, mesh, rules)))
 
 
 def gathered(w: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -186,13 +195,10 @@ def gathered(w: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return w
     mesh, rules = active
-    batch_axes = {a for name, target in rules if name == "act_batch"
-                  for a in ((target,) if isinstance(target, str) else tuple(target or ()))}
-    spec = []
-    for entry in spec_for(axes, rules):
-        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a not in batch_axes)
-        spec.append(kept[0] if len(kept) == 1 else (kept or None))
-    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
+    batch_axes = set(_mesh_axes(spec_for(("act_batch",), rules)[0]))
+    spec = PartitionSpec(*(_entry(tuple(a for a in _mesh_axes(e) if a not in batch_axes))
+                           for e in spec_for(axes, rules)))
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec))
 
 
 def platform() -> str:
@@ -214,10 +220,8 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], leading_a
     if active is None:
         return fn(*args)
     mesh, rules = active
-    specs = []
-    for x, axes in zip(args, leading_axes):
-        spec = spec_for(tuple(axes) + (None,) * (x.ndim - len(axes)), rules)
-        specs.append(PartitionSpec(*(e if d % mesh_axis_size(mesh, e) == 0 else None for d, e in zip(x.shape, spec))))
+    specs = [_fitted_spec(x.shape, (*axes, *(None,) * (x.ndim - len(axes))), mesh, rules)
+             for x, axes in zip(args, leading_axes)]
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*args)
 
 
@@ -236,7 +240,7 @@ def rules_from_config(overrides: Mapping[str, Any] | None) -> Rules:
             raise ShardingError(f"mesh.rules names unknown logical axis {name!r}; known: {', '.join(table)}")
         if target is not None and not isinstance(target, (str, tuple, list)):
             raise ShardingError(f"mesh.rules[{name!r}] must be a mesh axis name, a tuple of them, or None")
-        for axis in (target,) if isinstance(target, str) else tuple(target or ()):
+        for axis in _mesh_axes(target):
             if axis not in MESH_AXES:
                 raise ShardingError(f"mesh.rules[{name!r}] names unknown mesh axis {axis!r}; mesh axes: {MESH_AXES}")
         table[name] = tuple(target) if isinstance(target, list) else target

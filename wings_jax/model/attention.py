@@ -109,23 +109,20 @@ def attend(
             lambda k, v, k_pos, k_seg, extra_values: attend(q, k, v, k_pos=k_pos, k_seg=k_seg,
                                                             extra_values=extra_values, **kw),
             key_fill, (k, v, k_pos, k_seg, extra_values), (key_axis, key_axis, 1, 1, 1))
-    if implementation == "splash" and not heads_first and (causal_by_index or not causal):
-        out, extra = _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
-        out = checkpoint_name(out, ATTENTION_NAME)
-        extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
-    elif implementation in ("xla", "splash"):
+    if implementation == "xla" or (implementation == "splash" and (heads_first or (causal and not causal_by_index))):
         if not heads_first:
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        out, extra = _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
+        # names its outputs (and its log-sum-exp) inside its custom forward
+        return _xla_chunked(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values, q_chunk)
+    if implementation == "splash":
+        out, extra = _splash(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values)
     else:
         if heads_first:  # jax.nn.dot_product_attention takes (B, T, heads, D)
             k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         out, extra = _dot_product(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale, extra_values,
                                   "cudnn" if implementation == "cudnn" else None,
                                   rows == "padded" and (causal_by_index or not causal))
-        out = checkpoint_name(out, ATTENTION_NAME)
-        extra = None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
-    return out, extra
+    return checkpoint_name(out, ATTENTION_NAME), None if extra is None else checkpoint_name(extra, ATTENTION_NAME)
 
 
 def on_filled_prefix(fn: Callable[..., T], key_fill: jax.Array, arrays: Sequence[jax.Array | None],

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from wings_jax.model.attention import ATTENTION_NAME
-from wings_jax.sharding import gathered
+from wings_jax.sharding import gathered, logical_axes_of
 
 Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -26,6 +26,13 @@ def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Ax
     if len(axes) != len(shape):
         raise ValueError(f"parameter of shape {tuple(shape)} given {len(axes)} logical axes {axes}")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def compute_weight(param: nnx.Param, dtype: Any) -> jax.Array:
+    """``param`` in the compute ``dtype`` as its matmul reads it (:func:`~wings_jax.sharding.gathered`), by the
+    logical axes of its metadata: the value's are the last ones (a stacked layer's also name 'layers' first)."""
+    w = param[...]
+    return gathered(w.astype(dtype), logical_axes_of(param)[-w.ndim:])
 
 
 class Linear(nnx.Module):
@@ -46,13 +53,12 @@ class Linear(nnx.Module):
         in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         self.num_in = len(in_shape)
-        self.dtype, self.axes = dtype, tuple(axes)
+        self.dtype = dtype
         self.kernel = make_param(rngs, kernel_init, in_shape + out_shape, axes, param_dtype)
         self.bias = make_param(rngs, zeros_init, out_shape, axes[self.num_in:], param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = gathered(self.kernel[...].astype(self.dtype), self.axes)
-        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.num_in)
+        y = jnp.tensordot(x.astype(self.dtype), compute_weight(self.kernel, self.dtype), axes=self.num_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -20,10 +20,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wings_jax.model import attention as attention_lib
 from wings_jax.model.cache import AttentionInputs, CacheView
-from wings_jax.model.layers import RESIDUAL_NAME, make_param, rotary_embedding, zeros_init
+from wings_jax.model.layers import RESIDUAL_NAME, compute_weight, make_param, rotary_embedding, zeros_init
 from wings_jax.model.qwen import DecoderLayer, QwenConfig
 from wings_jax.model.runtime import Runtime
-from wings_jax.sharding import constrain, gathered
+from wings_jax.sharding import constrain
 
 STAGES = ("pretrain", "finetune")
 MIXINGS = ("corrected", "reference")
@@ -107,10 +107,8 @@ class LoRRALearner(nnx.Module):
             setattr(self, f"{name}_b", make_param(rngs, zeros_init, (rank, hidden), ("lora_rank", "embed"), rt.param_dtype))
 
     def _weight(self, name: str) -> jax.Array:
-        """Parameter ``name`` (e.g. "q_a") in the compute dtype, as its matmul reads it (sharding.gathered)."""
-        w = getattr(self, name)[...]
-        axes = ("embed", "lora_rank") if name.endswith("_a") else ("lora_rank", "embed")
-        return gathered(w.astype(self.dtype), ("layers",) * (w.ndim - 2) + axes)  # a stacked learner: (layers, ...)
+        """Parameter ``name`` (e.g. "q_a") in the compute dtype, as its matmul reads it."""
+        return compute_weight(getattr(self, name), self.dtype)
 
     def _low_rank(self, name: str, x: jax.Array) -> jax.Array:
         return (x @ self._weight(f"{name}_a")) @ self._weight(f"{name}_b")
